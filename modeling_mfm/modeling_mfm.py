@@ -153,8 +153,13 @@ class MFMPreTrainedModel(PreTrainedModel):
     def export_backbone(self, save_directory: str | os.PathLike) -> None:
         """Writes the encoder as a native transformers checkpoint (BeitModel, ViTModel, ResNetModel, ConvNextModel...)
         that loads with `AutoModel.from_pretrained` and no custom code, plus the image processor."""
-        backbone = self.base_model.backbone if hasattr(self, "base_model") else self.backbone
-        backbone.save_pretrained(save_directory)
+        encoder = self.base_model
+        state_dict = dict(encoder.backbone.state_dict())
+        if encoder.fc_norm is not None and getattr(self.config.backbone_config, "use_mean_pooling", False):
+            # a native BeitModel with use_mean_pooling pools exactly as our fc_norm does
+            state_dict["pooler.layernorm.weight"] = encoder.fc_norm.weight
+            state_dict["pooler.layernorm.bias"] = encoder.fc_norm.bias
+        encoder.backbone.save_pretrained(save_directory, state_dict=state_dict)
         build_image_processor(self.config).save_pretrained(save_directory)
 
 

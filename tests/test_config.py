@@ -59,6 +59,14 @@ def test_restoration_presets_use_the_plain_mean():
         config = MFMConfig.from_preset(f"mfm-vit-base-{pretext}")
         assert config.corruption == pretext and config.loss_on == "all"
     assert MFMConfig.from_preset("mfm-resnet50-sr").low_pass_probability == 0.3
+    # the released configs behind the published numbers: Gaussian blur sigma 5, colour Gaussian noise sigma 75/255
+    deblur = MFMConfig.from_preset("mfm-resnet50-deblur")
+    assert deblur.blur_kernel_types == ["iso"] and deblur.blur_sigma_x_range == [5.0, 5.0]
+    denoise = MFMConfig.from_preset("mfm-vit-base-denoise")
+    assert denoise.noise_types == ["gaussian"] and denoise.noise_gaussian_sigma_range == [75.0, 75.0]
+    assert denoise.noise_gaussian_gray_prob == 0.0
+    # the field defaults stay the official code's general defaults
+    assert MFMConfig(corruption="deblur", loss_on="all").blur_kernel_types[-1] == "sinc"
 
 
 def test_preset_overrides_reach_the_backbone():

@@ -143,3 +143,12 @@ def test_encoder_exports_as_a_native_transformers_checkpoint(tmp_path, backbone,
     x, _ = fixed_inputs()
     torch.testing.assert_close(native(x).last_hidden_state, model.mfm(x).last_hidden_state, atol=1e-6, rtol=1e-5)
     assert AutoImageProcessor.from_pretrained(tmp_path).size["height"] == 32
+
+
+def test_exported_mean_pooling_beit_keeps_the_pooler(tmp_path):
+    backbone = dict(tiny_config("beit").backbone_config.to_dict(), use_mean_pooling=True)
+    model = MFMForImageClassification(tiny_config("beit", backbone_config=backbone, num_labels=2)).eval()
+    model.export_backbone(tmp_path)
+    native = AutoModel.from_pretrained(tmp_path).eval()
+    x, _ = fixed_inputs()
+    torch.testing.assert_close(native(x).pooler_output, model.mfm(x).pooler_output, atol=1e-6, rtol=1e-5)

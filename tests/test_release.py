@@ -1,0 +1,207 @@
+"""Release tooling: folder checks, dry run, idempotent publishing (to a local stand-in for the Hub), and the model
+card's loading snippets run against a converted folder. No network."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.utils import filter_repo_objects
+
+from modeling_mfm import convert_original, release
+from modeling_mfm.checkpoint_loading import load_official_checkpoint
+from modeling_mfm.convert_original import convert_checkpoint, write_converted
+from modeling_mfm.release import plan_upload, publish_folder, release_card, write_card
+
+GOLDEN_PTH = Path(__file__).parent / "fixtures" / "tiny_vit_p16_official.pth"
+EXPECTED_FILES = {
+    "README.md", "config.json", "model.safetensors", "preprocessor_config.json", "configuration_mfm.py",
+    "modeling_mfm.py", "frequency.py", "corruptions.py", "backbone/config.json", "backbone/model.safetensors",
+    "backbone/preprocessor_config.json",
+}
+
+
+@pytest.fixture(scope="module")
+def converted_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("release") / "mfm-tiny"
+    write_converted(convert_checkpoint(GOLDEN_PTH), folder)
+    return folder
+
+
+@pytest.fixture
+def folder(converted_folder, tmp_path) -> Path:
+    copy = tmp_path / "mfm-tiny"
+    shutil.copytree(converted_folder, copy)
+    return copy
+
+
+def _card(folder: Path, repo_id: str = "me/mfm-tiny") -> None:
+    from modeling_mfm import MFMConfig
+
+    write_card(folder, release_card("mfm-vit-base", config=MFMConfig.from_pretrained(folder), repo_id=repo_id))
+
+
+class _Untouchable:
+    """Any use of the Hub client fails the test."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the Hub client was used ({name}) during a dry run")
+
+
+class LocalHub(HfApi):
+    """A stand-in for the Hub service that keeps repos in a local folder. Like the Hub, a commit whose files are
+    all unchanged is skipped; file selection uses huggingface_hub's own pattern filter."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(endpoint="http://localhost.invalid")
+        self.root = root
+        self.commits: list[str] = []
+        self.create_calls: list[dict] = []
+
+    def create_repo(self, repo_id, *, repo_type=None, private=False, exist_ok=False, **kwargs):
+        self.create_calls.append({"repo_id": repo_id, "repo_type": repo_type, "exist_ok": exist_ok})
+        path = self.root / repo_id
+        if path.exists() and not exist_ok:
+            raise FileExistsError(f"{repo_id} exists")
+        path.mkdir(parents=True, exist_ok=True)
+        return SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(self, *, folder_path, repo_id, repo_type=None, revision=None, commit_message=None,
+                      ignore_patterns=None, allow_patterns=None, **kwargs):
+        source, target = Path(folder_path), self.root / repo_id
+        if not target.is_dir():
+            raise FileNotFoundError(f"repository {repo_id} not found")
+        files = [p.relative_to(source).as_posix() for p in sorted(source.rglob("*")) if p.is_file()]
+        selected = list(filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
+        changed = [
+            f for f in selected if not (target / f).is_file() or (target / f).read_bytes() != (source / f).read_bytes()
+        ]
+        for name in changed:
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source / name, target / name)
+        if changed:
+            self.commits.append(commit_message)
+        return SimpleNamespace(commit_url=f"local://{repo_id}/commit/{len(self.commits)}")
+
+
+def test_plan_lists_the_release_files_and_skips_caches(folder):
+    _card(folder)
+    (folder / "__pycache__").mkdir()
+    (folder / "__pycache__" / "modeling_mfm.cpython-311.pyc").write_bytes(b"\0")
+    planned = dict(plan_upload(folder))
+    assert set(planned) == EXPECTED_FILES
+    assert planned["README.md"] == (folder / "README.md").stat().st_size
+
+
+def test_dry_run_prints_the_plan_and_contacts_nothing(folder, capsys):
+    _card(folder)
+    assert publish_folder(folder, "me/mfm-tiny", dry_run=True, api=_Untouchable()) is None
+    printed = capsys.readouterr().out
+    assert "would create me/mfm-tiny" in printed
+    for name in EXPECTED_FILES:
+        assert re.search(rf"^  {re.escape(name)}  \(\d+ bytes\)$", printed, re.M), name
+
+
+def test_incomplete_folders_are_refused(folder):
+    with pytest.raises(ValueError, match="missing README.md"):
+        plan_upload(folder)
+    _card(folder)
+    (folder / "modeling_mfm.py").unlink()
+    with pytest.raises(ValueError, match=r"modeling_mfm\.py \(remote code named in auto_map\)"):
+        plan_upload(folder)
+    with pytest.raises(ValueError, match="does not exist"):
+        plan_upload(folder / "nope")
+
+
+def test_publishing_twice_changes_nothing_the_second_time(folder, tmp_path):
+    _card(folder)
+    (folder / "__pycache__").mkdir()
+    (folder / "__pycache__" / "junk.pyc").write_bytes(b"\0")
+    hub = LocalHub(tmp_path / "hub")
+    first = publish_folder(folder, "me/mfm-tiny", api=hub, commit_message="release")
+    second = publish_folder(folder, "me/mfm-tiny", api=hub, commit_message="release")
+    assert hub.commits == ["release"] and first == second
+    assert all(call["exist_ok"] and call["repo_type"] == "model" for call in hub.create_calls)
+    repo = tmp_path / "hub" / "me" / "mfm-tiny"
+    stored = {p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file()}
+    assert stored == EXPECTED_FILES
+    write_card(folder, (folder / "README.md").read_text() + "\nUpdated.\n")
+    publish_folder(folder, "me/mfm-tiny", api=hub, commit_message="card")
+    assert hub.commits == ["release", "card"]
+
+
+def test_release_cli_writes_the_card_and_dry_runs(folder, capsys):
+    assert release.main(["--folder", str(folder), "--repo-id", "me/mfm-vit-base", "--release", "mfm-vit-base",
+                         "--dry-run"]) == 0
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.license == "other" and card.data.license_name == "s-lab-license-1.0"
+    assert 'from_pretrained("me/mfm-vit-base"' in card.text
+    assert "README.md" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="unknown release"):
+        release.main(["--folder", str(folder), "--repo-id", "me/x", "--release", "mfm-vit-huge", "--dry-run"])
+
+
+def test_convert_cli_push_dry_run_writes_a_card(tmp_path, capsys):
+    out = tmp_path / "converted"
+    assert convert_original.main(["--checkpoint", str(GOLDEN_PTH), "--output-dir", str(out),
+                                  "--push-to-hub", "me/tiny", "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "would create me/tiny" in printed and "model.safetensors" in printed
+    card = ModelCard.load(out / "README.md")  # not in the catalogue: generic card, official licence, no results
+    assert card.data.license_name == "s-lab-license-1.0" and card.data.eval_results is None
+    assert card.data.pipeline_tag == "image-feature-extraction"
+
+
+def _code_blocks(markdown: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", markdown, re.S)
+
+
+def test_pretraining_card_snippets_run_against_the_converted_folder(folder, monkeypatch):
+    """The card's loading code, pointed at a local folder instead of the Hub id, runs as written."""
+    from PIL import Image
+
+    _card(folder, repo_id="me/mfm-tiny")
+    blocks = _code_blocks((folder / "README.md").read_text())
+    assert len(blocks) == 3  # package, trust_remote_code, native encoder
+    monkeypatch.chdir(folder.parent)
+    for block in blocks:
+        namespace = {"image": Image.new("RGB", (48, 40), (120, 30, 200))}
+        exec(block.replace('"me/mfm-tiny"', f'"{folder.name}"'), namespace)
+        assert any(name in namespace for name in ("features", "out", "encoder"))
+    assert namespace["encoder"].__class__.__name__ == "BeitModel"
+
+
+def test_classification_card_snippets_run_against_a_converted_classifier(tmp_path, monkeypatch):
+    from PIL import Image
+
+    official = load_official_checkpoint(GOLDEN_PTH).state_dict
+    fine_tuned = {k[len("encoder."):]: v for k, v in official.items() if k.startswith("encoder.blocks")
+                  or k in ("encoder.cls_token", "encoder.pos_embed") or k.startswith("encoder.patch_embed")}
+    g = torch.Generator().manual_seed(0)
+    fine_tuned.update({"fc_norm.weight": 1 + 0.1 * torch.randn(64, generator=g), "fc_norm.bias": torch.zeros(64),
+                       "head.weight": torch.randn(5, 64, generator=g), "head.bias": torch.zeros(5)})
+    path = tmp_path / "finetuned.pth"
+    torch.save({"model": fine_tuned, "epoch": 99}, path)
+    folder = tmp_path / "classifier"
+    write_converted(convert_checkpoint(path, num_heads=2), folder)
+    from modeling_mfm import MFMConfig
+
+    write_card(folder, release_card("mfm-vit-base-ft-in1k", config=MFMConfig.from_pretrained(folder),
+                                    repo_id="me/classifier"))
+    Image.new("RGB", (40, 40), (10, 200, 30)).save(tmp_path / "image.jpg")
+    monkeypatch.chdir(tmp_path)
+    blocks = _code_blocks((folder / "README.md").read_text())
+    assert len(blocks) == 3  # package, pipeline with trust_remote_code, native encoder
+    namespaces = []
+    for block in blocks:
+        namespaces.append({"image": Image.open(tmp_path / "image.jpg")})
+        exec(block.replace('"me/classifier"', '"classifier"'), namespaces[-1])
+    assert namespaces[0]["logits"].shape == (1, 5)
+    predictions = namespaces[1]["classifier"]("image.jpg", top_k=5)
+    assert sorted(p["label"] for p in predictions) == [f"LABEL_{i}" for i in range(5)]
+    assert namespaces[2]["encoder"].__class__.__name__ == "BeitModel"
