@@ -1,0 +1,162 @@
+"""Throughput and memory of pre-training, measured apart: the training step (model, loss, backward, AdamW) on
+synthetic input, and the input pipeline (decode, crop, flip, collate) on a folder of real images.
+
+Used by ``run_scripts/benchmark_pretrain.py``; the numbers show which of the two limits a machine.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+from .data import EpochShuffleSampler, HFImageSource, PretrainingDataset, collate_pixel_batches, load_image_dataset
+from .monitoring import describe_hardware, peak_memory_bytes, reset_peak_memory
+from .optim import build_optimizer
+from .transforms import PretrainTransform, normalize_on_device
+
+__all__ = ["benchmark_input_pipeline", "benchmark_training_step"]
+
+
+def _process_tree_memory() -> int:
+    """Memory of this process (resident set) plus what its DataLoader workers hold on their own (unique set size:
+    forked workers share the parent's pages until they write them), in bytes."""
+    import psutil  # a dependency of accelerate
+
+    process = psutil.Process()
+    total = process.memory_info().rss
+    for child in process.children(recursive=True):
+        try:
+            total += child.memory_full_info().uss
+        except psutil.Error:
+            continue
+    return total
+
+
+def benchmark_training_step(
+    config: Any,
+    batch_size: int,
+    steps: int = 10,
+    warmup_steps: int = 2,
+    mixed_precision: str = "no",
+    torch_compile: bool = False,
+    gradient_checkpointing: bool = False,
+    cpu: bool = False,
+) -> dict[str, Any]:
+    """Images per second and peak memory of the full training step (normalisation on the device, forward with
+    frequency masking, frequency loss, backward, gradient clipping, AdamW) on random uint8 images, through
+    Accelerate as in training. ``warmup_steps`` untimed steps come first (allocator, compilation)."""
+    from ..modeling_mfm import MFMForPreTraining
+
+    if batch_size <= 0 or steps <= 0 or warmup_steps < 0:
+        raise ValueError(f"batch_size and steps must be positive and warmup_steps >= 0, got {batch_size}, {steps}, "
+                         f"{warmup_steps}")
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    device = accelerator.device
+    torch.manual_seed(0)
+    model = MFMForPreTraining(config)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.to(device)
+    optimizer = build_optimizer(model, lr=1e-4, fused=device.type == "cuda")
+    if torch_compile:
+        model = torch.compile(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    images = torch.randint(0, 256, (batch_size, config.num_channels, config.image_size, config.image_size),
+                           dtype=torch.uint8, device=device)
+
+    def step() -> torch.Tensor:
+        pixel_values = normalize_on_device(images, config.image_mean, config.image_std)
+        loss = model(pixel_values=pixel_values, return_dict=True).loss
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), 3.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    for _ in range(warmup_steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    reset_peak_memory(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    float(loss)  # waits for the device
+    elapsed = time.perf_counter() - start
+    return {
+        "benchmark": "training_step",
+        "hardware": describe_hardware(device),
+        "device": str(device),
+        "image_size": config.image_size,
+        "batch_size": batch_size,
+        "steps": steps,
+        "mixed_precision": accelerator.mixed_precision,
+        "torch_compile": torch_compile,
+        "gradient_checkpointing": gradient_checkpointing,
+        "parameters_millions": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+        "step_seconds": elapsed / steps,
+        "img_per_s": batch_size * steps / elapsed,
+        "peak_memory_mib": peak_memory_bytes(device) / 2**20,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def benchmark_input_pipeline(
+    folder: str,
+    image_size: int = 224,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    batches: int = 10,
+    jpeg_draft: bool = True,
+    seed: int = 0,
+    cache_dir: str | None = None,
+) -> dict[str, Any]:
+    """Images per second of the input pipeline alone: a DataLoader over the image folder with the pre-training
+    transform (decode, RandomResizedCrop, flip) and the uint8 collation, as in training. The first batch (worker
+    start-up) is not timed; the folder is cycled through as many epochs as ``batches`` needs."""
+    if num_workers < 0 or batches <= 0 or batch_size <= 0:
+        raise ValueError(f"num_workers must be >= 0, batches and batch_size > 0; got {num_workers}, {batches}, "
+                         f"{batch_size}")
+    dataset, column = load_image_dataset(train_dir=folder, cache_dir=cache_dir)
+    transform = PretrainTransform(image_size, jpeg_draft=jpeg_draft)
+    data = PretrainingDataset(HFImageSource(dataset, column), transform, seed=seed)
+    sampler = EpochShuffleSampler(len(data), seed=seed)
+    loader = DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=False,
+                        collate_fn=collate_pixel_batches, persistent_workers=num_workers > 0,
+                        prefetch_factor=4 if num_workers > 0 else None)
+    images, skipped, timed_batches, epoch = 0, 0, -1, 0
+    start = time.perf_counter()
+    peak_rss = 0
+    while timed_batches < batches:
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            if timed_batches == -1:
+                start = time.perf_counter()  # after the first batch: workers are up
+            else:
+                images += batch["pixel_values"].shape[0]
+                skipped += int(batch["skipped"])
+            timed_batches += 1
+            peak_rss = max(peak_rss, _process_tree_memory())
+            if timed_batches >= batches:
+                break
+        epoch += 1
+    elapsed = time.perf_counter() - start
+    rate = images / elapsed
+    return {
+        "benchmark": "input_pipeline",
+        "folder_images": len(data),
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "num_workers": num_workers,
+        "jpeg_draft": jpeg_draft,
+        "images": images,
+        "skipped_images": skipped,
+        "img_per_s": rate,
+        "img_per_s_per_worker": rate / max(1, num_workers),
+        "peak_memory_mib": peak_rss / 2**20,
+    }

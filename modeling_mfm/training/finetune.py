@@ -1,0 +1,527 @@
+"""Fine-tuning an MFM encoder for image classification with Accelerate: the paper's recipe, evaluated every epoch.
+
+The loop (`finetune`): load data (`classification_data`) and model (`model_loading`), AdamW over layer-wise
+lr-decay groups (`layer_decay`), linear warmup + cosine per optimizer step (`schedules.WarmupCosineSchedule`),
+Mixup/CutMix with label smoothing and the soft-target cross-entropy (`mixup`), top-1 / top-5 on the validation set
+after every epoch (`evaluate_classifier`), the best model saved with ``save_pretrained`` in ``output_dir``,
+resumable checkpoints in ``output_dir/checkpoints`` (`checkpointing`), a JSON-lines log plus any Accelerate
+tracker, a model card with a ``model-index`` of the best results, and an optional push to the Hub.
+
+Learning rates follow the official linear scaling: ``lr = base_learning_rate * total_batch / 512`` (and the same
+for ``warmup_lr`` and ``min_lr``), with ``total_batch = per-device batch * processes * accumulation steps``.
+
+Evaluation counts every validation sample exactly once whatever the number of processes: the validation loader is
+prepared by Accelerate (which pads the last batches so that all processes step together) and the per-sample results
+go through ``accelerator.gather_for_metrics``, which drops the padding.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, LoggerType, ProjectConfiguration, set_seed
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .checkpointing import read_trainer_state, remove_stale_temporaries, resolve_checkpoint, save_checkpoint
+from .classification_data import (
+    ClassificationDataset,
+    build_eval_transform,
+    build_train_transform,
+    collate_classification,
+    load_classification_dataset,
+)
+from .classification_metrics import TopKAccuracy, top_k_indices
+from .hub import LocalHubMirror, push_folder_to_hub
+from .layer_decay import layer_decay_parameter_groups
+from .mixup import MixupCutmix, soft_target_cross_entropy
+from .model_card import render_model_card
+from .model_loading import load_classifier
+from .optim import scale_learning_rate
+from .randomness import derive_seed, seeded_device_rng
+from .schedules import WarmupCosineSchedule
+from .trackers import JSONLinesTracker
+
+logger = get_logger(__name__)  # logs on the main process only
+
+__all__ = ["RECIPES", "FinetuneArguments", "evaluate_classifier", "finetune"]
+
+# The recipe-dependent defaults. "vit": the official MFM ViT fine-tuning (configs/vit_base/finetune_*.yaml).
+# "resnet": the official ResNet-50 fine-tuning used timm's "ResNet Strikes Back" A3-style schedule (100 epochs, lr 8e-3
+# at batch 2048, weight decay 0.02, mixup 0.1, cutmix 1.0, rand-m6, test crop 0.95); here with AdamW instead of LAMB
+# and softmax cross-entropy instead of binary cross-entropy.
+RECIPES: dict[str, dict[str, Any]] = {
+    "vit": {
+        "num_train_epochs": 100, "base_learning_rate": 2e-3, "warmup_epochs": 5, "warmup_lr": 2.5e-7, "min_lr": 2.5e-7,
+        "weight_decay": 0.05, "layer_decay": 0.8, "drop_path_rate": 0.1, "auto_augment": "rand-m9-mstd0.5-inc1",
+        "random_erasing": 0.25, "mixup": 0.8, "cutmix": 1.0, "label_smoothing": 0.1, "crop_pct": 0.875, "clip_grad": None,
+    },
+    "resnet": {
+        "num_train_epochs": 100, "base_learning_rate": 2e-3, "warmup_epochs": 5, "warmup_lr": 2.5e-5, "min_lr": 2.5e-7,
+        "weight_decay": 0.02, "layer_decay": 1.0, "drop_path_rate": 0.05, "auto_augment": "rand-m6-mstd0.5-inc1",
+        "random_erasing": 0.0, "mixup": 0.1, "cutmix": 1.0, "label_smoothing": 0.1, "crop_pct": 0.95, "clip_grad": None,
+    },
+}
+
+
+@dataclass
+class FinetuneArguments:
+    """Everything `finetune` needs; ``None`` fields take the value of ``recipe`` (see `RECIPES`). The command line of
+    ``run_scripts/run_finetune.py`` is generated from these fields (``HfArgumentParser``)."""
+
+    # model
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "MFM checkpoint or native encoder (folder or Hub id) to fine-tune."}
+    )
+    preset: str | None = field(
+        default=None, metadata={"help": "Train a randomly initialised preset instead (e.g. mfm-vit-tiny)."}
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": 'JSON overrides of the preset, e.g. \'{"image_size": 32, "backbone_overrides": '
+                          '{"patch_size": 4}}\'.'},
+    )
+    recipe: str = field(default="vit", metadata={"help": "Defaults to use: 'vit' (official ViT) or 'resnet'."})
+    mean_pooling: bool = field(
+        default=True,
+        metadata={"help": "BEiT encoders: drop the final LayerNorm, classify fc_norm(mean of patch tokens) "
+                          "(official). --no_mean_pooling keeps the pre-trained final norm."},
+    )
+    drop_path_rate: float | None = field(default=None, metadata={"help": "Stochastic depth (vit recipe: 0.1)."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    # data
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
+    train_dir: str | None = field(default=None, metadata={"help": "Image folder <train_dir>/<class>/*."})
+    validation_dir: str | None = field(default=None, metadata={"help": "Image folder <validation_dir>/<class>/*."})
+    train_split_name: str = field(default="train", metadata={"help": "Training split of a Hub dataset."})
+    validation_split_name: str | None = field(
+        default=None, metadata={"help": "Validation split (default: validation / val / valid / test if present)."}
+    )
+    validation_split_percentage: float = field(
+        default=10.0, metadata={"help": "Percentage of train held out when there is no validation split."}
+    )
+    image_column_name: str | None = field(default=None, metadata={"help": "Image column (default: detected)."})
+    label_column_name: str | None = field(default=None, metadata={"help": "Label column (default: detected)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use the first N validation rows."})
+    cache_dir: str | None = field(default=None, metadata={"help": "datasets / transformers cache folder."})
+    num_workers: int = field(default=4, metadata={"help": "DataLoader worker processes."})
+    # optimisation
+    num_train_epochs: int | None = field(default=None, metadata={"help": "Epochs (vit recipe: 100)."})
+    max_train_steps: int | None = field(
+        default=None, metadata={"help": "Total optimizer steps; overrides num_train_epochs when set."}
+    )
+    per_device_train_batch_size: int = field(default=128, metadata={"help": "Batch per process (official: 128)."})
+    per_device_eval_batch_size: int = field(default=128, metadata={"help": "Evaluation batch per process."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    base_learning_rate: float | None = field(
+        default=None, metadata={"help": "lr = base_learning_rate * total_batch / 512 (vit recipe: 2e-3)."}
+    )
+    learning_rate: float | None = field(default=None, metadata={"help": "Absolute peak lr (skips the scaling)."})
+    warmup_epochs: float | None = field(default=None, metadata={"help": "Linear warmup epochs (vit recipe: 5)."})
+    warmup_lr: float | None = field(default=None, metadata={"help": "Warmup start lr before scaling (2.5e-7)."})
+    min_lr: float | None = field(default=None, metadata={"help": "Final cosine lr before scaling (2.5e-7)."})
+    weight_decay: float | None = field(default=None, metadata={"help": "AdamW weight decay (0.05)."})
+    layer_decay: float | None = field(default=None, metadata={"help": "Layer-wise lr decay (vit: 0.8)."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    clip_grad: float | None = field(default=None, metadata={"help": "Gradient norm clipping (official: none)."})
+    # augmentation
+    auto_augment: str | None = field(
+        default=None, metadata={"help": "RandAugment spec (vit: rand-m9-mstd0.5-inc1); 'none' disables."}
+    )
+    random_erasing: float | None = field(default=None, metadata={"help": "Random erasing probability (0.25)."})
+    mixup: float | None = field(default=None, metadata={"help": "Mixup alpha (0.8; 0 disables)."})
+    cutmix: float | None = field(default=None, metadata={"help": "CutMix alpha (1.0; 0 disables)."})
+    mixup_prob: float = field(default=1.0, metadata={"help": "Probability of mixing a batch."})
+    mixup_switch_prob: float = field(default=0.5, metadata={"help": "Probability of CutMix instead of Mixup."})
+    label_smoothing: float | None = field(default=None, metadata={"help": "Label smoothing (0.1)."})
+    crop_pct: float | None = field(default=None, metadata={"help": "Evaluation centre-crop fraction (0.875)."})
+    # runtime
+    output_dir: str = field(default="mfm-finetuned", metadata={"help": "Where the model, logs, checkpoints go."})
+    seed: int = field(default=0, metadata={"help": "Random seed."})
+    mixed_precision: str | None = field(default=None, metadata={"help": "no / fp16 / bf16 (default: accelerate's)."})
+    logging_steps: int = field(default=10, metadata={"help": "Log the training loss every N optimizer steps."})
+    checkpointing_steps: int | None = field(
+        default=None, metadata={"help": "Also checkpoint every N optimizer steps (always at each epoch end)."}
+    )
+    checkpoints_total_limit: int | None = field(default=2, metadata={"help": "Keep the newest N checkpoints."})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "'latest' (under output_dir/checkpoints) or a checkpoint folder."}
+    )
+    stop_after_steps: int | None = field(
+        default=None,
+        metadata={"help": "Stop this invocation after N optimizer steps in total, with a checkpoint (for "
+                          "time-limited jobs; continue with --resume_from_checkpoint latest)."},
+    )
+    eval_only: bool = field(default=False, metadata={"help": "Only evaluate model_name_or_path on the validation set."})
+    report_to: str = field(default="none", metadata={"help": "Accelerate trackers: tensorboard, wandb, all, none."})
+    project_name: str = field(default="mfm-finetune", metadata={"help": "Tracker project name."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload output_dir to the Hub at the end."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "'user/name' of the Hub repository."})
+    hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
+    hub_private: bool = field(default=False, metadata={"help": "Create the Hub repository as private."})
+    hub_local_dir: str | None = field(
+        default=None, metadata={"help": "Dry run of --push_to_hub: publish into this local folder instead."}
+    )
+
+    def resolved(self) -> FinetuneArguments:
+        """A copy with the recipe defaults filled in and every value checked."""
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {self.recipe!r}")
+        values = asdict(self)
+        for name, default in RECIPES[self.recipe].items():
+            if values[name] is None:
+                values[name] = default
+        if isinstance(values["auto_augment"], str) and values["auto_augment"].lower() == "none":
+            values["auto_augment"] = None
+        args = FinetuneArguments(**values)
+        args._check()
+        return args
+
+    def _check(self) -> None:
+        if (self.model_name_or_path is None) == (self.preset is None):
+            raise ValueError("give exactly one of --model_name_or_path and --preset")
+        if self.eval_only and self.model_name_or_path is None:
+            raise ValueError("--eval_only needs --model_name_or_path")
+        if (self.dataset_name is None) == (self.train_dir is None):
+            raise ValueError("give exactly one of --dataset_name and --train_dir")
+        positive = {
+            "per_device_train_batch_size": self.per_device_train_batch_size,
+            "per_device_eval_batch_size": self.per_device_eval_batch_size,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "num_train_epochs": self.num_train_epochs,
+            "logging_steps": self.logging_steps,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        for name in ("max_train_steps", "checkpointing_steps", "stop_after_steps", "max_train_samples",
+                     "max_eval_samples", "checkpoints_total_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 when given, got {value}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        for name in ("mixup", "cutmix"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ValueError(f"clip_grad must be > 0 when given, got {self.clip_grad}")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id ('user/name')")
+        trackers = {t.value for t in LoggerType} | {"none"}
+        if self.report_to not in trackers:
+            raise ValueError(f"report_to must be one of {sorted(trackers)}, got {self.report_to!r}")
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate_classifier(model: torch.nn.Module, dataloader: DataLoader, accelerator: Accelerator) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy over the whole validation set, each sample counted once
+    across processes. ``dataloader`` must have gone through ``accelerator.prepare``."""
+    model.eval()
+    metric = TopKAccuracy(keep_in_memory=True)
+    loss_sum, count, k = 0.0, 0, None
+    for batch in dataloader:
+        logits = model(pixel_values=batch["pixel_values"]).logits
+        k = min(5, logits.shape[1])
+        losses = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
+        ranked, labels, losses = accelerator.gather_for_metrics((top_k_indices(logits, k), batch["labels"], losses))
+        metric.add_batch(predictions=ranked.cpu().tolist(), references=labels.cpu().tolist())
+        loss_sum += float(losses.sum())
+        count += int(labels.numel())
+    if k is None:
+        raise ValueError("the validation set is empty")
+    scores = metric.compute(k=sorted({1, k}))
+    results = {"top1": 100.0 * scores["top1"], f"top{k}": 100.0 * scores[f"top{k}"]}
+    results.update({"loss": loss_sum / count, "num_samples": count})
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def _trackers(args: FinetuneArguments) -> list[Any]:
+    trackers: list[Any] = [JSONLinesTracker(os.path.join(args.output_dir, "logs", "metrics.jsonl"))]
+    if args.report_to == "all":
+        trackers.append("all")
+    elif args.report_to != "none":
+        trackers.append(args.report_to)
+    return trackers
+
+
+def _plain_config(args: FinetuneArguments, extra: dict[str, Any]) -> dict[str, Any]:
+    values = {**asdict(args), **extra}
+    values.pop("hub_token", None)
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in values.items()}
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _model_card(args: FinetuneArguments, config: Any, best: dict[str, Any], details: dict[str, Any]) -> str:
+    repo_id = args.hub_model_id or f"local/{Path(args.output_dir).resolve().name}"
+    folder = Path(args.train_dir).resolve() if args.train_dir else None
+    if folder is not None and folder.name.lower() in ("train", "training"):
+        folder = folder.parent  # <name>/train: the dataset is <name>
+    dataset = args.dataset_name or folder.name
+    results = []
+    for key, name in (("top1", "top-1"), ("top5", "top-5")):
+        if key in best.get("metrics", {}):
+            results.append({"task": "image-classification", "dataset": dataset, "metric": "accuracy", "name": name,
+                            "value": round(best["metrics"][key], 3), "split": "validation"})
+    source = args.model_name_or_path
+    base_model = source if source and not os.path.isdir(source) and source.count("/") == 1 else None
+    return render_model_card(
+        repo_id, config, task="classification", datasets=[args.dataset_name] if args.dataset_name else None,
+        results=results, training_details=details, base_model=base_model,
+    )
+
+
+def finetune(args: FinetuneArguments) -> dict[str, Any]:
+    """Runs fine-tuning (or evaluation only) and returns the results written to ``output_dir/all_results.json``."""
+    args = args.resolved()
+    output_dir = Path(args.output_dir)
+    checkpoint_root = output_dir / "checkpoints"
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=_trackers(args),
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    set_seed(args.seed)
+
+    with accelerator.main_process_first():
+        data = load_classification_dataset(
+            dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name, train_dir=args.train_dir,
+            validation_dir=args.validation_dir, train_split_name=args.train_split_name,
+            validation_split_name=args.validation_split_name,
+            validation_split_percentage=args.validation_split_percentage, image_column_name=args.image_column_name,
+            label_column_name=args.label_column_name, seed=args.seed, cache_dir=args.cache_dir,
+        )
+    train_rows, eval_rows = data.train, data.validation
+    if args.max_train_samples is not None:
+        train_rows = train_rows.select(range(min(args.max_train_samples, len(train_rows))))
+    if args.max_eval_samples is not None:
+        eval_rows = eval_rows.select(range(min(args.max_eval_samples, len(eval_rows))))
+
+    overrides = json.loads(args.config_overrides) if args.config_overrides else None
+    model = load_classifier(
+        model_name_or_path=args.model_name_or_path, preset=args.preset, num_labels=len(data.labels),
+        id2label=data.id2label, config_overrides=overrides, mean_pooling=args.mean_pooling,
+        drop_path_rate=args.drop_path_rate, cache_dir=args.cache_dir,
+    )
+    config = model.config
+    eval_set = ClassificationDataset(
+        eval_rows, data.image_column, data.label_column,
+        build_eval_transform(config.image_size, config.image_mean, config.image_std, args.crop_pct),
+    )
+    eval_loader = DataLoader(
+        eval_set, batch_size=args.per_device_eval_batch_size, shuffle=False, num_workers=args.num_workers,
+        collate_fn=collate_classification,
+    )
+
+    if args.eval_only:
+        model, eval_loader = accelerator.prepare(model, eval_loader)
+        metrics = evaluate_classifier(model, eval_loader, accelerator)
+        logger.info("evaluation of %s: %s", args.model_name_or_path, metrics)
+        results = {"eval_" + k: v for k, v in metrics.items()}
+        if accelerator.is_main_process:
+            _write_json(output_dir / "eval_results.json", results)
+        accelerator.end_training()
+        return results
+
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    train_set = ClassificationDataset(
+        train_rows, data.image_column, data.label_column,
+        build_train_transform(config.image_size, config.image_mean, config.image_std, args.auto_augment,
+                              args.random_erasing),
+        skip_unreadable=True,
+        seed=args.seed,
+    )
+    train_loader = DataLoader(
+        train_set, batch_size=args.per_device_train_batch_size, shuffle=True, drop_last=True,
+        num_workers=args.num_workers, collate_fn=collate_classification,
+    )
+
+    total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    if args.learning_rate is not None:
+        lr, lr_ratio = args.learning_rate, args.learning_rate / args.base_learning_rate
+    else:
+        lr = scale_learning_rate(args.base_learning_rate, total_batch)
+        lr_ratio = total_batch / 512
+    groups = layer_decay_parameter_groups(model, args.weight_decay, args.layer_decay, lr=lr)
+    for group in groups:
+        group.pop("names")
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(args.adam_beta1, args.adam_beta2), eps=1e-8)
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+
+    batches_per_epoch = len(train_loader)
+    if batches_per_epoch == 0:
+        raise ValueError(
+            f"the training set ({len(train_set)} images) is smaller than one global batch "
+            f"({args.per_device_train_batch_size} x {accelerator.num_processes} processes)"
+        )
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    total_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+    warmup_steps = min(round(args.warmup_epochs * steps_per_epoch), total_steps)
+    # The scheduler is stepped by hand once per optimizer step (not through accelerator.prepare, which would step
+    # it once per process); it is registered so that checkpoints hold it.
+    schedule = WarmupCosineSchedule(lr, total_steps, warmup_steps, args.warmup_lr * lr_ratio, args.min_lr * lr_ratio)
+    scheduler = LambdaLR(optimizer, lr_lambda=schedule)
+    accelerator.register_for_checkpointing(scheduler)
+
+    mixer = MixupCutmix(
+        len(data.labels), mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, switch_prob=args.mixup_switch_prob,
+        prob=args.mixup_prob, label_smoothing=args.label_smoothing,
+    ) if (args.mixup > 0 or args.cutmix > 0) and len(data.labels) > 1 else None
+
+    state: dict[str, Any] = {"epoch": 0, "batches_in_epoch": 0, "global_step": 0, "best": {}, "history": []}
+    if accelerator.is_main_process:
+        remove_stale_temporaries(checkpoint_root)
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, checkpoint_root)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        state.update(read_trainer_state(checkpoint))
+        logger.info("resumed from %s at optimizer step %d", checkpoint, state["global_step"])
+
+    details = {
+        "recipe": args.recipe, "epochs": num_epochs, "optimizer steps": total_steps, "total batch size": total_batch,
+        "peak learning rate": lr, "layer decay": args.layer_decay, "weight decay": args.weight_decay,
+        "drop path": args.drop_path_rate if hasattr(config.backbone_config, "drop_path_rate") else "n/a",
+        "warmup steps": warmup_steps, "mixup / cutmix": f"{args.mixup} / {args.cutmix}",
+        "label smoothing": args.label_smoothing, "auto augment": args.auto_augment or "none",
+        "random erasing": args.random_erasing, "mean pooling": args.mean_pooling, "image size": config.image_size,
+    }
+    accelerator.init_trackers(args.project_name, config=_plain_config(args, {"total_steps": total_steps, "lr": lr}))
+    logger.info(
+        "fine-tuning on %d images (%d classes), validating on %d; %d epochs, %d optimizer steps, total batch %d, "
+        "peak lr %.3g", len(train_set), len(data.labels), len(eval_set), num_epochs, total_steps, total_batch, lr,
+    )
+
+    progress = tqdm(total=total_steps, initial=state["global_step"], disable=not accelerator.is_local_main_process,
+                    desc="fine-tuning")
+    unwrapped = accelerator.unwrap_model(model)
+    running_loss, running_count = torch.zeros((), device=accelerator.device), 0
+    stopped_early = False
+
+    def checkpoint_now() -> None:
+        save_checkpoint(accelerator, checkpoint_root, state["global_step"], state, keep=args.checkpoints_total_limit)
+
+    for epoch in range(state["epoch"], num_epochs):
+        state["epoch"] = epoch
+        model.train()
+        train_loader.set_epoch(epoch)
+        train_set.set_epoch(epoch)
+        skip = state["batches_in_epoch"]
+        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        for batch_index, batch in enumerate(loader, start=skip):
+            # the batch's random draws (mixup, drop path) are keyed by (seed, epoch, batch, process), so a resumed
+            # run repeats them exactly
+            key = derive_seed(args.seed, epoch, batch_index, accelerator.process_index)
+            with accelerator.accumulate(model), seeded_device_rng(accelerator.device, key):
+                images, labels = batch["pixel_values"], batch["labels"]
+                if mixer is not None:
+                    mixer.rng = np.random.default_rng(key)
+                    images, targets = mixer(images, labels)
+                    loss = soft_target_cross_entropy(model(pixel_values=images).logits, targets)
+                else:
+                    logits = model(pixel_values=images).logits
+                    loss = F.cross_entropy(logits.float(), labels, label_smoothing=args.label_smoothing)
+                if not torch.isfinite(loss):
+                    raise RuntimeError(f"non-finite training loss {loss.item()} at step {state['global_step']}")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.clip_grad is not None:
+                    accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad()
+            running_loss += loss.detach()
+            running_count += 1
+            state["batches_in_epoch"] = batch_index + 1
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            state["global_step"] += 1
+            progress.update(1)
+            step = state["global_step"]
+            if step % args.logging_steps == 0 or step == total_steps:
+                mean_loss = accelerator.reduce(running_loss / running_count, reduction="mean").item()
+                head_lr = max(group["lr"] for group in optimizer.param_groups)
+                accelerator.log({"train/loss": mean_loss, "train/lr": head_lr, "train/epoch": epoch}, step=step)
+                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{head_lr:.3g}")
+                running_loss, running_count = torch.zeros((), device=accelerator.device), 0
+            finished_epoch = state["batches_in_epoch"] >= batches_per_epoch
+            if args.checkpointing_steps and step % args.checkpointing_steps == 0 and not finished_epoch:
+                checkpoint_now()
+            if step >= total_steps or (args.stop_after_steps is not None and step >= args.stop_after_steps):
+                break
+        epoch_done = state["batches_in_epoch"] >= batches_per_epoch or state["global_step"] >= total_steps
+        if not epoch_done:  # stopped by stop_after_steps in the middle of an epoch
+            checkpoint_now()
+            stopped_early = True
+            break
+
+        metrics = evaluate_classifier(model, eval_loader, accelerator)
+        record = {"epoch": epoch + 1, "step": state["global_step"], **metrics}
+        state["history"].append(record)
+        accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=state["global_step"])
+        logger.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in metrics.items()})
+        if not state["best"] or metrics["top1"] > state["best"]["metrics"]["top1"]:
+            state["best"] = {"epoch": epoch + 1, "step": state["global_step"], "metrics": metrics}
+            accelerator.wait_for_everyone()
+            unwrapped.save_pretrained(
+                output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save
+            )
+        state["epoch"], state["batches_in_epoch"] = epoch + 1, 0
+        checkpoint_now()
+        if state["global_step"] >= total_steps:
+            break
+        if args.stop_after_steps is not None and state["global_step"] >= args.stop_after_steps:
+            stopped_early = True
+            break
+    progress.close()
+
+    results: dict[str, Any] = {
+        "completed": not stopped_early and state["global_step"] >= total_steps,
+        "global_step": state["global_step"],
+        "total_steps": total_steps,
+        "history": state["history"],
+    }
+    if state["best"]:
+        best = state["best"]
+        results.update({"best_epoch": best["epoch"], **{f"best_{k}": v for k, v in best["metrics"].items()}})
+    if accelerator.is_main_process:
+        _write_json(output_dir / "all_results.json", results)
+        if results["completed"] and state["best"]:
+            (output_dir / "README.md").write_text(_model_card(args, unwrapped.config, state["best"], details),
+                                                  encoding="utf-8")
+            if args.push_to_hub:
+                client = LocalHubMirror(args.hub_local_dir) if args.hub_local_dir else None
+                url = push_folder_to_hub(
+                    output_dir, args.hub_model_id, private=args.hub_private, token=args.hub_token,
+                    commit_message="Upload fine-tuned MFM model", client=client,
+                )
+                logger.info("pushed to %s", url)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results

@@ -1,0 +1,304 @@
+"""Frozen-feature evaluation of a pre-trained encoder: a linear probe and a k-nearest-neighbour classifier.
+
+Both judge a pre-training run without fine-tuning it. Features are computed once, in eval mode, from the evaluation
+transform (resize + centre crop) of every training and validation image:
+
+* ViT / BEiT encoders: the mean of the patch tokens of the last layer (after the encoder's final LayerNorm), or the
+  CLS token with ``pooling="cls"``; ResNet / ConvNeXt: global average pooling of the last feature map (ConvNeXt
+  then applies its final LayerNorm, as its classification head does).
+* Linear probe (MAE's protocol): ``BatchNorm1d(affine=False)`` then ``Linear``, i.e. a linear classifier on
+  standardised features; the head's weights start from a truncated normal with std 0.01. MAE trains it with LARS
+  (lr 0.1 x batch / 256, no weight decay, 90 epochs, warmup 10) through the frozen encoder with crop + flip
+  augmentation; here the head is trained on the cached features (no augmentation) with SGD + momentum 0.9 and the
+  same lr rule and warmup + cosine schedule, which takes seconds instead of a full pass per epoch.
+* kNN (Wu et al. 2018, as used by DINO): L2-normalised features, cosine similarity to every training feature, the
+  k = 20 nearest neighbours vote for their class with weight ``exp(similarity / 0.07)``; classes are ranked by
+  their summed votes (top-1 / top-5).
+
+Feature extraction is distributed (``accelerator.gather_for_metrics``: each image once); the probe and the kNN run on
+the main process.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..modeling_mfm import MFMModel
+from .classification_data import (
+    ClassificationDataset,
+    build_eval_transform,
+    collate_classification,
+    load_classification_dataset,
+)
+from .classification_metrics import TopKAccuracy
+from .model_loading import load_encoder
+from .schedules import WarmupCosineSchedule
+
+logger = get_logger(__name__)
+
+__all__ = [
+    "LinearProbe",
+    "LinearProbeArguments",
+    "extract_features",
+    "knn_scores",
+    "pool_features",
+    "run_linear_probe",
+    "top_k_accuracy",
+    "train_linear_probe",
+]
+
+
+@dataclass
+class LinearProbeArguments:
+    """Options of ``run_scripts/run_linear_probe.py`` (the command line is generated from these fields)."""
+
+    model_name_or_path: str = field(metadata={"help": "Pre-trained MFM checkpoint or native encoder."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
+    train_dir: str | None = field(default=None, metadata={"help": "Image folder <train_dir>/<class>/*."})
+    validation_dir: str | None = field(default=None, metadata={"help": "Image folder <validation_dir>/<class>/*."})
+    train_split_name: str = field(default="train", metadata={"help": "Training split of a Hub dataset."})
+    validation_split_name: str | None = field(default=None, metadata={"help": "Validation split (default: detected)."})
+    validation_split_percentage: float = field(
+        default=10.0, metadata={"help": "Percentage of train held out when there is no validation split."}
+    )
+    image_column_name: str | None = field(default=None, metadata={"help": "Image column (default: detected)."})
+    label_column_name: str | None = field(default=None, metadata={"help": "Label column (default: detected)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use the first N validation rows."})
+    cache_dir: str | None = field(default=None, metadata={"help": "datasets / transformers cache folder."})
+    num_workers: int = field(default=4, metadata={"help": "DataLoader worker processes."})
+    per_device_batch_size: int = field(default=128, metadata={"help": "Feature extraction batch per process."})
+    crop_pct: float = field(default=0.875, metadata={"help": "Centre-crop fraction of the eval transform."})
+    pooling: str = field(default="mean", metadata={"help": "ViT features: 'mean' of patch tokens or 'cls'."})
+    # linear probe
+    linear_epochs: int = field(default=90, metadata={"help": "Epochs of the linear head (0 skips the probe)."})
+    linear_batch_size: int = field(default=256, metadata={"help": "Batch of the linear head."})
+    linear_base_lr: float = field(default=0.1, metadata={"help": "lr = linear_base_lr * linear_batch_size / 256."})
+    linear_weight_decay: float = field(default=0.0, metadata={"help": "Weight decay of the head."})
+    linear_warmup_epochs: int = field(default=10, metadata={"help": "Warmup epochs of the head."})
+    # kNN
+    knn_k: int = field(default=20, metadata={"help": "Neighbours that vote (0 skips kNN)."})
+    knn_temperature: float = field(default=0.07, metadata={"help": "Vote weight exp(similarity / T)."})
+    output_dir: str = field(default="mfm-linear-probe", metadata={"help": "Where results.json goes."})
+    seed: int = field(default=0, metadata={"help": "Random seed."})
+
+    def check(self) -> None:
+        if (self.dataset_name is None) == (self.train_dir is None):
+            raise ValueError("give exactly one of --dataset_name and --train_dir")
+        if self.pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling must be 'mean' or 'cls', got {self.pooling!r}")
+        if self.linear_epochs < 0 or self.knn_k < 0:
+            raise ValueError(f"linear_epochs and knn_k must be >= 0, got {self.linear_epochs}, {self.knn_k}")
+        if self.linear_epochs == 0 and self.knn_k == 0:
+            raise ValueError("nothing to do: linear_epochs and knn_k are both 0")
+        if self.knn_temperature <= 0:
+            raise ValueError(f"knn_temperature must be > 0, got {self.knn_temperature}")
+        for name in ("per_device_batch_size", "linear_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.linear_warmup_epochs < 0:
+            raise ValueError(f"linear_warmup_epochs must be >= 0, got {self.linear_warmup_epochs}")
+
+
+# ---------------------------------------------------------------------------------------------------- features
+def pool_features(encoder: MFMModel, pixel_values: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
+    """(B, C, H, W) images -> (B, D) frozen features (see the module docstring)."""
+    outputs = encoder(pixel_values)
+    hidden = outputs.last_hidden_state
+    if encoder.config.is_vit:
+        if pooling == "cls":
+            return hidden[:, 0]
+        if pooling != "mean":
+            raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+        return hidden[:, 1:].mean(dim=1)
+    pooled = hidden.mean(dim=(-2, -1))
+    norm = getattr(encoder.backbone, "layernorm", None)
+    return norm(pooled) if norm is not None else pooled
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: MFMModel, dataloader: DataLoader, accelerator: Accelerator, pooling: str = "mean"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (N, D) float32 and labels (N,) of a prepared dataloader, every sample once, on every process."""
+    encoder.eval()
+    features, labels = [], []
+    for batch in dataloader:
+        pooled = pool_features(encoder, batch["pixel_values"], pooling).float()
+        pooled, batch_labels = accelerator.gather_for_metrics((pooled, batch["labels"]))
+        features.append(pooled.cpu())
+        labels.append(batch_labels.cpu())
+    if not features:
+        raise ValueError("no images to extract features from")
+    return torch.cat(features), torch.cat(labels)
+
+
+# ---------------------------------------------------------------------------------------------------- linear probe
+class LinearProbe(nn.Module):
+    """``BatchNorm1d(affine=False)`` + ``Linear``: MAE's linear-probing head."""
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.linear.weight, std=0.01)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.norm(features))
+
+
+def top_k_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """Top-k accuracy (%) of (N, C) scores with the `TopKAccuracy` metric; k is capped at C."""
+    ks = tuple(sorted({min(k, scores.shape[1]) for k in ks}))
+    metric = TopKAccuracy(keep_in_memory=True)
+    ranked = scores.topk(max(ks), dim=1).indices
+    result = metric.compute(predictions=ranked.tolist(), references=labels.tolist(), k=ks)
+    return {f"top{k}": 100.0 * result[f"top{k}"] for k in ks}
+
+
+def train_linear_probe(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    eval_features: torch.Tensor,
+    eval_labels: torch.Tensor,
+    num_classes: int,
+    epochs: int = 90,
+    batch_size: int = 256,
+    base_lr: float = 0.1,
+    weight_decay: float = 0.0,
+    warmup_epochs: int = 10,
+    seed: int = 0,
+) -> tuple[LinearProbe, dict[str, float]]:
+    """Trains `LinearProbe` on cached features (SGD, momentum 0.9, lr = base_lr * batch / 256, warmup + cosine
+    per step) and returns it with its top-1 / top-5 (%) on the evaluation features."""
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if len(train_features) != len(train_labels) or len(eval_features) != len(eval_labels):
+        raise ValueError("features and labels must have the same length")
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    probe = LinearProbe(train_features.shape[1], num_classes)
+    batch_size = min(batch_size, len(train_features))
+    steps_per_epoch = max(1, len(train_features) // batch_size)  # drop the last partial batch (BatchNorm)
+    total_steps = epochs * steps_per_epoch
+    lr = base_lr * batch_size / 256
+    optimizer = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    warmup_steps = min(warmup_epochs * steps_per_epoch, total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, WarmupCosineSchedule(lr, total_steps, warmup_steps, 0.0, 0.0)
+    )
+    probe.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(train_features), generator=generator)
+        for step in range(steps_per_epoch):
+            index = order[step * batch_size:(step + 1) * batch_size]
+            loss = F.cross_entropy(probe(train_features[index]), train_labels[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    probe.eval()
+    with torch.no_grad():
+        scores = probe(eval_features)
+    return probe, top_k_accuracy(scores, eval_labels)
+
+
+# ---------------------------------------------------------------------------------------------------- kNN
+@torch.no_grad()
+def knn_scores(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    query_features: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """(Q, C) class votes: each query's k most cosine-similar training samples vote for their label with weight
+    ``exp(similarity / temperature)``."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    k = min(k, len(train_features))
+    bank = F.normalize(train_features.float(), dim=1)
+    scores = []
+    for start in range(0, len(query_features), chunk_size):
+        queries = F.normalize(query_features[start:start + chunk_size].float(), dim=1)
+        similarity, neighbours = (queries @ bank.T).topk(k, dim=1)  # (q, k)
+        votes = torch.zeros(len(queries), num_classes, dtype=torch.float32)
+        votes.scatter_add_(1, train_labels[neighbours], (similarity / temperature).exp())
+        scores.append(votes)
+    return torch.cat(scores)
+
+
+# ---------------------------------------------------------------------------------------------------- the run
+def run_linear_probe(args: LinearProbeArguments) -> dict[str, Any]:
+    """Extracts features, runs the linear probe and / or kNN, writes ``output_dir/results.json`` and returns it."""
+    args.check()
+    accelerator = Accelerator()
+    set_seed(args.seed)
+    with accelerator.main_process_first():
+        data = load_classification_dataset(
+            dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name, train_dir=args.train_dir,
+            validation_dir=args.validation_dir, train_split_name=args.train_split_name,
+            validation_split_name=args.validation_split_name,
+            validation_split_percentage=args.validation_split_percentage, image_column_name=args.image_column_name,
+            label_column_name=args.label_column_name, seed=args.seed, cache_dir=args.cache_dir,
+        )
+    encoder = load_encoder(args.model_name_or_path, cache_dir=args.cache_dir)
+    config = encoder.config
+    transform = build_eval_transform(config.image_size, config.image_mean, config.image_std, args.crop_pct)
+    loaders = []
+    for rows, limit in ((data.train, args.max_train_samples), (data.validation, args.max_eval_samples)):
+        if limit is not None:
+            rows = rows.select(range(min(limit, len(rows))))
+        dataset = ClassificationDataset(rows, data.image_column, data.label_column, transform)
+        loaders.append(DataLoader(dataset, batch_size=args.per_device_batch_size, num_workers=args.num_workers,
+                                  collate_fn=collate_classification))
+    encoder, train_loader, eval_loader = accelerator.prepare(encoder, *loaders)
+    train_features, train_labels = extract_features(encoder, train_loader, accelerator, args.pooling)
+    eval_features, eval_labels = extract_features(encoder, eval_loader, accelerator, args.pooling)
+    logger.info("features: %d train, %d validation, dimension %d", len(train_features), len(eval_features),
+                train_features.shape[1])
+
+    results: dict[str, Any] = {
+        "model": args.model_name_or_path, "num_train": len(train_features), "num_eval": len(eval_features),
+        "feature_dim": int(train_features.shape[1]), "pooling": args.pooling if config.is_vit else "average",
+    }
+    num_classes = len(data.labels)
+    if accelerator.is_main_process:
+        if args.knn_k > 0:
+            votes = knn_scores(train_features, train_labels, eval_features, num_classes, args.knn_k,
+                               args.knn_temperature)
+            results["knn"] = {"k": min(args.knn_k, len(train_features)), "temperature": args.knn_temperature,
+                              **top_k_accuracy(votes, eval_labels)}
+        if args.linear_epochs > 0:
+            _, scores = train_linear_probe(
+                train_features, train_labels, eval_features, eval_labels, num_classes, args.linear_epochs,
+                args.linear_batch_size, args.linear_base_lr, args.linear_weight_decay, args.linear_warmup_epochs,
+                args.seed,
+            )
+            results["linear_probe"] = {"epochs": args.linear_epochs, **scores}
+        output = Path(args.output_dir)
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        for name in ("linear_probe", "knn"):
+            if name in results:
+                scores = {k: v for k, v in results[name].items() if k.startswith("top")}
+                print(f"{name:>12}: " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+    accelerator.wait_for_everyone()
+    return results

@@ -1,0 +1,72 @@
+"""The model to pre-train, from a preset name, a config JSON or a saved model, with MFMConfig fields overridden."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from ..configuration_mfm import VIT_FAMILY, MFMConfig
+from ..modeling_mfm import MFMForPreTraining
+
+__all__ = ["ARCHITECTURE_FIELDS", "build_config", "build_model", "override_config"]
+
+logger = logging.getLogger(__name__)
+
+# Fields that change parameter shapes: they cannot be overridden when continuing from saved weights.
+ARCHITECTURE_FIELDS = frozenset(
+    {"image_size", "num_channels", "decoder_depth", "decoder_hidden_size", "decoder_num_attention_heads"}
+)
+
+
+def override_config(
+    config: MFMConfig, overrides: dict[str, Any], backbone_overrides: dict[str, Any] | None = None
+) -> MFMConfig:
+    """A new, validated MFMConfig with ``overrides`` applied (``image_size`` reaches the ViT backbone too)."""
+    unknown = sorted(set(overrides) - set(MFMConfig.__annotations__))
+    if unknown:
+        raise ValueError(f"unknown MFMConfig fields {unknown}")
+    values = config.to_dict()
+    for key in ("model_type", "transformers_version", "auto_map", "architectures"):
+        values.pop(key, None)
+    backbone = dict(values["backbone_config"])
+    backbone.update(backbone_overrides or {})
+    values.update(overrides)
+    if "image_size" in overrides and backbone.get("model_type") in VIT_FAMILY:
+        backbone["image_size"] = overrides["image_size"]
+    values["backbone_config"] = backbone
+    return MFMConfig(**values)
+
+
+def build_config(
+    model: str | None = None,
+    config_file: str | None = None,
+    model_name_or_path: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    backbone_overrides: dict[str, Any] | None = None,
+) -> MFMConfig:
+    """The configuration from exactly one of a preset name, an MFMConfig JSON file or a saved model."""
+    overrides = dict(overrides or {})
+    sources = [name for name, value in (("model", model), ("config_file", config_file),
+                                        ("model_name_or_path", model_name_or_path)) if value]
+    if len(sources) != 1:
+        raise ValueError(f"give exactly one of --model, --config_file, --model_name_or_path (got {sources or 'none'})")
+    if model:
+        return MFMConfig.from_preset(model, **overrides, backbone_overrides=backbone_overrides or {})
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise ValueError(f"config_file {config_file!r} does not exist")
+        return override_config(MFMConfig.from_json_file(config_file), overrides, backbone_overrides)
+    changed = sorted((set(overrides) & ARCHITECTURE_FIELDS) | ({"backbone_overrides"} if backbone_overrides else set()))
+    if changed:
+        raise ValueError(
+            f"{changed} change parameter shapes and cannot be overridden when continuing from {model_name_or_path!r}"
+        )
+    return override_config(MFMConfig.from_pretrained(model_name_or_path), overrides)
+
+
+def build_model(config: MFMConfig, model_name_or_path: str | None = None) -> MFMForPreTraining:
+    """Random initialisation from ``config``, or the weights of ``model_name_or_path`` under ``config``."""
+    if model_name_or_path:
+        return MFMForPreTraining.from_pretrained(model_name_or_path, config=config)
+    return MFMForPreTraining(config)

@@ -1,0 +1,642 @@
+"""The MFM pre-training run: set-up from the arguments, the Accelerate training loop, and the final outputs.
+
+`run_pretraining(args, config_overrides)` is what ``run_scripts/run_pretrain.py`` calls. Accelerate owns the
+runtime (devices, processes, mixed precision, gradient accumulation, trackers, checkpoint state); this module wires
+the parts of `modeling_mfm.training` together:
+
+* set-up errors (bad arguments, missing data, unknown preset...) raise `PretrainingArgumentError` before training;
+* the loop never waits for the device except every ``logging_steps`` steps and at checkpoints: losses, grad norms,
+  skipped-image counts and the non-finite watch are accumulated on the device;
+* every micro-batch's forward runs under a seed derived from its global index (`randomness`), and samples are
+  augmented from (seed, epoch, index) (`data`), so a resumed run repeats the uninterrupted one and N processes
+  match one process with N accumulation steps;
+* a non-finite loss stops the run with `NonFiniteLossError` before the next checkpoint could store broken weights
+  (`step_statistics`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.data_loader import prepare_data_loader
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedType,
+    ProjectConfiguration,
+    TorchDynamoPlugin,
+    is_tensorboard_available,
+    is_wandb_available,
+    set_seed,
+)
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .arguments import (
+    DEMO_MODEL_OVERRIDES,
+    OFFICIAL_DEFAULTS,
+    PretrainingArguments,
+    is_demo_run,
+    parse_backbone_overrides,
+    resolve_defaults,
+)
+from .checkpointing import list_checkpoints, read_trainer_state, remove_stale_temporaries, resolve_checkpoint, \
+    save_checkpoint
+from .data import (
+    EpochShuffleSampler,
+    HFImageSource,
+    PretrainingDataset,
+    StreamingPretrainingDataset,
+    collate_pixel_batches,
+    load_image_dataset,
+    prepare_stream,
+    sample_photo_source,
+)
+from .hub import LocalHubMirror, push_folder_to_hub
+from .model_card import render_model_card
+from .model_factory import build_config, build_model
+from .monitoring import describe_hardware, peak_memory_bytes
+from .optim import build_optimizer, scale_learning_rate
+from .randomness import derive_seed, global_micro_batch_index, seeded_device_rng
+from .schedules import build_warmup_cosine_scheduler
+from .step_statistics import NonFiniteLossError, StepStatistics
+from .trackers import JSONLinesTracker
+from .transforms import DEFAULT_CROP_RATIO, PretrainTransform, normalize_on_device
+from .visualization import predict_fixed_batch, reconstruction_grid, save_png
+
+__all__ = ["NonFiniteLossError", "PretrainingArgumentError", "PretrainingResult", "run_pretraining"]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS_FOLDER = "checkpoints"
+LOGS_FOLDER = "logs"
+METRICS_FILE = "metrics.jsonl"
+PICTURES_FOLDER = "reconstructions"
+FINAL_PICTURE = "reconstruction.png"
+OFFICIAL_EPOCHS, OFFICIAL_WARMUP_EPOCHS = OFFICIAL_DEFAULTS["num_train_epochs"], OFFICIAL_DEFAULTS["warmup_epochs"]
+MODEL_SEED_TAG = 1  # randomness domains: 0 = data (see data.py), 1 = the model's corruption draws
+
+
+class PretrainingArgumentError(ValueError):
+    """The run cannot start: an argument, the data or the model configuration is invalid."""
+
+
+@dataclass
+class PretrainingResult:
+    output_dir: str
+    steps: int
+    final_loss: float | None
+    skipped_images: int
+    train_seconds: float
+    picture: str | None
+    pushed_to: str | None
+
+
+@dataclass
+class _Setup:
+    """Everything `run_pretraining` builds before the loop."""
+
+    args: PretrainingArguments
+    config: Any
+    demo: bool
+    data_description: str
+    dataset: Any
+    streaming: bool
+    steps_per_epoch: int | None
+    total_steps: int
+    warmup_steps: int
+    total_batch_size: int
+    peak_lr: float
+    num_workers: int
+
+
+# ---------------------------------------------------------------------------------------------------- set-up
+def _available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _default_num_workers(local_processes: int) -> int:
+    return max(0, min(8, _available_cores() // max(1, local_processes) - 1))
+
+
+def _check_positive(name: str, value: float | None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _validate_arguments(args: PretrainingArguments) -> None:
+    if args.dataset_name and args.train_dir:
+        raise ValueError("give either --dataset_name or --train_dir, not both")
+    if args.streaming and is_demo_run(args):
+        raise ValueError("--streaming needs --dataset_name or --train_dir")
+    if args.streaming and args.max_train_steps is None:
+        raise ValueError("--streaming needs --max_train_steps (a stream has no known length)")
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_train_steps",
+                 "base_learning_rate", "logging_steps", "num_visualization_images", "max_train_samples",
+                 "dataloader_prefetch_factor", "checkpoints_total_limit"):
+        _check_positive(name, getattr(args, name))
+    if args.warmup_ratio is not None and not 0.0 <= args.warmup_ratio <= 1.0:
+        raise ValueError(f"warmup_ratio must be in [0, 1], got {args.warmup_ratio}")
+    for name in ("warmup_steps", "warmup_epochs", "warmup_lr", "min_lr", "weight_decay", "max_grad_norm",
+                 "checkpointing_steps", "visualization_steps", "dataloader_num_workers", "shuffle_buffer_size",
+                 "max_nonfinite_retries", "adam_epsilon", "cpu_threads"):
+        _check_positive(name, getattr(args, name), allow_zero=True)
+    if not 0.0 < args.crop_min_scale <= 1.0:
+        raise ValueError(f"crop_min_scale must be in (0, 1], got {args.crop_min_scale}")
+    if args.push_to_hub and not args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id")
+    if args.report_to == "wandb" and not is_wandb_available():
+        raise ValueError("--report_to wandb needs the wandb package (pip install wandb)")
+    if args.report_to == "tensorboard" and not is_tensorboard_available():
+        raise ValueError("--report_to tensorboard needs the tensorboard package (pip install tensorboard)")
+
+
+def _build_dataset(args: PretrainingArguments, config: Any, accelerator: Accelerator, demo: bool):
+    """-> (dataset, description, streaming)."""
+    transform = PretrainTransform(
+        config.image_size, scale=(args.crop_min_scale, 1.0), ratio=DEFAULT_CROP_RATIO, jpeg_draft=args.jpeg_draft
+    )
+    if demo:
+        source = sample_photo_source(short_side=4 * config.image_size)
+        # enough passes over the few photos that an "epoch" spans many steps
+        repeats = max(1, math.ceil(50 * args.per_device_train_batch_size / len(source)))
+        dataset = PretrainingDataset(source, transform, seed=args.seed, repeats=repeats)
+        return dataset, f"{len(source)} photos bundled with scikit-image (random crops)", False
+    description = args.dataset_name or f"image folder {os.path.basename(os.path.normpath(args.train_dir))}"
+    if args.streaming:
+        stream, column = load_image_dataset(
+            args.dataset_name, args.dataset_config_name, args.train_dir, args.train_split, args.image_column_name,
+            streaming=True, cache_dir=args.cache_dir, token=args.hub_token,
+        )
+        if args.max_train_samples:
+            stream = stream.take(args.max_train_samples)
+        stream = prepare_stream(stream, args.seed, args.shuffle_buffer_size, accelerator.process_index,
+                                accelerator.num_processes)
+        dataset = StreamingPretrainingDataset(stream, column, transform, seed=args.seed, rank=accelerator.process_index)
+        return dataset, f"{description} (streamed)", True
+    with accelerator.main_process_first():  # the first process builds the datasets cache, the others reuse it
+        hf_dataset, column = load_image_dataset(
+            args.dataset_name, args.dataset_config_name, args.train_dir, args.train_split, args.image_column_name,
+            streaming=False, cache_dir=args.cache_dir, token=args.hub_token,
+        )
+    if args.max_train_samples:
+        hf_dataset = hf_dataset.select(range(min(args.max_train_samples, len(hf_dataset))))
+    dataset = PretrainingDataset(HFImageSource(hf_dataset, column), transform, seed=args.seed)
+    return dataset, f"{description} ({len(dataset)} images)", False
+
+
+def _setup(args: PretrainingArguments, overrides: dict[str, Any], accelerator: Accelerator) -> _Setup:
+    demo = is_demo_run(args)
+    backbone_overrides = parse_backbone_overrides(args.backbone_overrides)
+    if demo and args.model == "mfm-vit-tiny" and not args.config_file and not args.model_name_or_path:
+        demo_backbone = DEMO_MODEL_OVERRIDES["backbone_overrides"]
+        overrides = {**{k: v for k, v in DEMO_MODEL_OVERRIDES.items() if k != "backbone_overrides"}, **overrides}
+        backbone_overrides = {**demo_backbone, **backbone_overrides}
+    config = build_config(args.model, args.config_file, args.model_name_or_path, overrides, backbone_overrides)
+    if config.image_size != 224 and "mask_radius" not in overrides and config.mask_radius == 16:
+        logger.warning(
+            "mask_radius 16 is tuned for 224x224 inputs; at %d px the same ratio is --mask_radius %.1f",
+            config.image_size, 16 * config.image_size / 224,
+        )
+    dataset, description, streaming = _build_dataset(args, config, accelerator, demo)
+
+    processes = accelerator.num_processes
+    total_batch = args.per_device_train_batch_size * processes * args.gradient_accumulation_steps
+    steps_per_epoch = None
+    if not streaming:
+        steps_per_epoch = len(dataset) // (args.per_device_train_batch_size * processes) // (
+            args.gradient_accumulation_steps
+        )
+        if steps_per_epoch == 0:
+            raise ValueError(
+                f"the dataset has {len(dataset)} images, fewer than one optimizer step needs (per-device batch "
+                f"{args.per_device_train_batch_size} x {processes} processes x {args.gradient_accumulation_steps} "
+                f"accumulation steps = {total_batch})"
+            )
+    if args.max_train_steps is not None:
+        total_steps = args.max_train_steps
+    else:
+        total_steps = max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
+    if args.warmup_steps is not None:
+        warmup_steps = args.warmup_steps
+    elif args.warmup_ratio is not None:
+        warmup_steps = round(args.warmup_ratio * total_steps)
+    elif args.max_train_steps is not None or steps_per_epoch is None:
+        warmup_steps = round(total_steps * OFFICIAL_WARMUP_EPOCHS / OFFICIAL_EPOCHS)
+        if args.warmup_epochs is not None and args.num_train_epochs is not None:
+            warmup_steps = round(total_steps * args.warmup_epochs / args.num_train_epochs)
+    else:
+        warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    if warmup_steps > total_steps:
+        raise ValueError(f"warmup_steps ({warmup_steps}) must not exceed the training steps ({total_steps})")
+    num_workers = args.dataloader_num_workers
+    if num_workers is None:
+        num_workers = _default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", processes)))
+    if streaming:
+        num_workers = min(num_workers, max(1, dataset.dataset.num_shards))
+    return _Setup(
+        args=args,
+        config=config,
+        demo=demo,
+        data_description=description,
+        dataset=dataset,
+        streaming=streaming,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        warmup_steps=warmup_steps,
+        total_batch_size=total_batch,
+        peak_lr=scale_learning_rate(args.base_learning_rate, total_batch),
+        num_workers=num_workers,
+    )
+
+
+def _make_dataloader(setup: _Setup, pin_memory: bool) -> DataLoader:
+    args = setup.args
+    workers = setup.num_workers
+    kwargs: dict[str, Any] = {
+        "batch_size": args.per_device_train_batch_size,
+        "num_workers": workers,
+        "pin_memory": pin_memory,
+        "collate_fn": collate_pixel_batches,
+        "drop_last": True,
+    }
+    if workers > 0:
+        kwargs["persistent_workers"] = True
+        kwargs["prefetch_factor"] = args.dataloader_prefetch_factor
+    if setup.streaming:
+        return DataLoader(setup.dataset, **kwargs)
+    sampler = EpochShuffleSampler(len(setup.dataset), seed=args.seed, shuffle=True)
+    return DataLoader(setup.dataset, sampler=sampler, **kwargs)
+
+
+def _fixed_batch(setup: _Setup, count: int) -> torch.Tensor:
+    """The first ``count`` samples of epoch 0 (the same at every step and after a resume)."""
+    if setup.streaming:
+        images = []
+        for sample in setup.dataset:
+            images.append(sample["pixel_values"])
+            if len(images) == count:
+                break
+    else:
+        images = [setup.dataset[(0, i)]["pixel_values"] for i in range(min(count, len(setup.dataset)))]
+    return torch.stack(images)
+
+
+def _trackers(args: PretrainingArguments, logging_dir: str) -> list:
+    trackers: list = [JSONLinesTracker(os.path.join(logging_dir, METRICS_FILE))]
+    if args.report_to in ("tensorboard", "all") and is_tensorboard_available():
+        trackers.append("tensorboard")
+    if args.report_to in ("wandb", "all") and is_wandb_available():
+        trackers.append("wandb")
+    return trackers
+
+
+def _hyperparameters(setup: _Setup, accelerator: Accelerator) -> dict[str, Any]:
+    values = {k: v for k, v in dataclasses.asdict(setup.args).items() if k != "hub_token"}
+    values.update(
+        total_batch_size=setup.total_batch_size, peak_lr=setup.peak_lr, total_steps=setup.total_steps,
+        warmup_steps=setup.warmup_steps, num_processes=accelerator.num_processes,
+        mixed_precision=accelerator.mixed_precision, data=setup.data_description,
+    )
+    # trackers take scalars and strings only
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in values.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- the run
+# ---------------------------------------------------------------------------------------------------- the run
+def run_pretraining(args: PretrainingArguments, config_overrides: dict[str, Any] | None = None) -> PretrainingResult:
+    """Pre-trains an MFMForPreTraining as the arguments say and writes the model, its card and pictures."""
+    args = resolve_defaults(args)
+    try:
+        _validate_arguments(args)
+    except ValueError as error:
+        raise PretrainingArgumentError(str(error)) from error
+    logging_dir = os.path.join(args.output_dir, LOGS_FOLDER)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=_trackers(args, logging_dir),
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+        step_scheduler_with_optimizer=False,  # stepped once per optimizer step, whatever the number of processes
+        # batches come from pinned memory on CUDA: copy them to the device without blocking
+        dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()),
+        dynamo_plugin=TorchDynamoPlugin(backend=args.torch_compile_backend) if args.torch_compile else None,
+    )
+    if accelerator.device.type == "cpu" and args.cpu_threads is not None:
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        threads = args.cpu_threads or max(1, _available_cores() // local_processes)
+        torch.set_num_threads(threads)
+        accelerator.print(f"training on the CPU with {threads} thread(s) per process")
+    try:
+        run = _PretrainingRun(args, config_overrides or {}, accelerator)
+        run.train()
+        return run.write_outputs()
+    finally:
+        accelerator.end_training()
+
+
+class _PretrainingRun:
+    """One invocation: set-up (the constructor), the loop (`train`) and the outputs (`write_outputs`)."""
+
+    def __init__(self, args: PretrainingArguments, overrides: dict[str, Any], accelerator: Accelerator) -> None:
+        self.args = args
+        self.accelerator = accelerator
+        self.checkpoint_root = os.path.join(args.output_dir, CHECKPOINTS_FOLDER)
+        # anything wrong here is the user's input, reported without a traceback by the script
+        try:
+            self.setup = _setup(args, overrides, accelerator)
+            checkpoint, trainer_state = self._find_checkpoint()
+        except (ValueError, OSError) as error:  # OSError: a model or dataset that cannot be found or read
+            raise PretrainingArgumentError(str(error)) from error
+        self._prepare()
+        self.completed_steps, self.skipped_total = 0, 0
+        self.last_checkpoint = checkpoint
+        if checkpoint is not None:
+            accelerator.load_state(str(checkpoint))
+            self.completed_steps = int(trainer_state["step"])
+            self.skipped_total = int(trainer_state.get("skipped_images", 0))
+            accelerator.print(f"resumed from {checkpoint} at step {self.completed_steps}")
+        self.steps_at_start = self.completed_steps
+        self.last_loss: float | None = None
+        self.train_seconds = 0.0
+        accelerator.init_trackers(args.project_name, config=_hyperparameters(self.setup, accelerator))
+        # FSDP forwards need every process; otherwise the main process draws the pictures alone
+        self.use_fsdp = accelerator.distributed_type == DistributedType.FSDP
+        self.fixed_images = None
+        if accelerator.is_main_process or self.use_fsdp:
+            self.fixed_images = _fixed_batch(self.setup, args.num_visualization_images)
+        self.picture: str | None = None
+
+    # ---- set-up
+    def _find_checkpoint(self) -> tuple[Any, dict[str, Any] | None]:
+        args, accelerator = self.args, self.accelerator
+        if accelerator.is_main_process:
+            remove_stale_temporaries(self.checkpoint_root)
+        accelerator.wait_for_everyone()
+        if args.resume_from_checkpoint.lower() == "none" and list_checkpoints(self.checkpoint_root):
+            raise ValueError(
+                f"{self.checkpoint_root} already holds checkpoints; resume them (--resume_from_checkpoint latest) or "
+                "choose another --output_dir"
+            )
+        checkpoint = resolve_checkpoint(args.resume_from_checkpoint, self.checkpoint_root)
+        state = read_trainer_state(checkpoint) if checkpoint else None
+        if state and state.get("total_batch_size") != self.setup.total_batch_size:
+            raise ValueError(
+                f"{checkpoint} was trained with total batch {state.get('total_batch_size')}, this run has "
+                f"{self.setup.total_batch_size} (per-device batch x processes x accumulation must stay the same)"
+            )
+        if state and state.get("total_steps") != self.setup.total_steps:
+            raise ValueError(
+                f"{checkpoint} belongs to a run of {state.get('total_steps')} steps, this one has "
+                f"{self.setup.total_steps}; resume with the same --max_train_steps / --num_train_epochs (the lr "
+                "schedule is part of the checkpoint), or start a new run in another --output_dir"
+            )
+        return checkpoint, state
+
+    def _prepare(self) -> None:
+        args, setup, accelerator = self.args, self.setup, self.accelerator
+        device = accelerator.device
+        set_seed(args.seed)  # identical initialisation on every process
+        model = build_model(setup.config, args.model_name_or_path)
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        model.to(device)
+        optimizer = build_optimizer(
+            model, setup.peak_lr, weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_epsilon, fused=device.type == "cuda",
+        )
+        scheduler = build_warmup_cosine_scheduler(
+            optimizer, setup.total_steps, setup.warmup_steps,
+            warmup_lr=scale_learning_rate(args.warmup_lr, setup.total_batch_size),
+            min_lr=scale_learning_rate(args.min_lr, setup.total_batch_size),
+        )
+        pin_memory = device.type == "cuda"
+        dataloader = _make_dataloader(setup, pin_memory)
+        if setup.streaming:
+            # already split across processes by split_dataset_by_node: only move batches to the device
+            model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+            dataloader = prepare_data_loader(
+                dataloader, device=device, num_processes=1, process_index=0, put_on_device=True,
+                dispatch_batches=False, non_blocking=pin_memory,
+            )
+        else:
+            model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
+        self.model, self.optimizer, self.dataloader, self.scheduler = model, optimizer, dataloader, scheduler
+
+    # ---- pictures, logs, checkpoints
+    def visualize(self, step: int) -> None:
+        """Saves (and logs to the trackers) the reconstruction picture of the fixed batch at ``step``."""
+        accelerator = self.accelerator
+        if self.fixed_images is None:
+            return
+        model = self.model if self.use_fsdp else accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        prediction = predict_fixed_batch(model, self.fixed_images, seed=self.args.seed)
+        if not accelerator.is_main_process:
+            return
+        picture = reconstruction_grid(
+            prediction["original"], prediction["corrupted"], prediction["reconstruction"],
+            prediction["frequency_mask"], prediction["row_labels"],
+            title=f"step {step} - loss on this batch {prediction['loss']:.4f}",
+        )
+        save_png(picture, os.path.join(self.args.output_dir, PICTURES_FOLDER, f"step-{step:07d}.png"))
+        self.picture = os.path.join(self.args.output_dir, FINAL_PICTURE)
+        save_png(picture, self.picture)
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({"reconstruction": picture[None]}, step=step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                tracker.log_images({"reconstruction": [picture]}, step=step)
+
+    def log(self, statistics: StepStatistics, lr: float, window_seconds: float, window_steps: int) -> None:
+        statistics.check_finite(self.accelerator, self.last_checkpoint)
+        values = statistics.collect(self.accelerator)
+        self.skipped_total += values["skipped"]
+        self.last_loss = values["loss"]
+        setup, step = self.setup, self.completed_steps
+        metrics = {
+            "loss": values["loss"],
+            "lr": lr,
+            "grad_norm": values["grad_norm"],
+            "img_per_s": window_steps * setup.total_batch_size / max(window_seconds, 1e-9),
+            "peak_memory_mib": peak_memory_bytes(self.accelerator.device) / 2**20,
+            "skipped_images": self.skipped_total,
+            "epoch": step / setup.steps_per_epoch if setup.steps_per_epoch else 0.0,
+        }
+        self.accelerator.log(metrics, step=step)
+        self.progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{metrics['img_per_s']:.1f}")
+
+    def checkpoint(self, statistics: StepStatistics) -> None:
+        statistics.check_finite(self.accelerator, self.last_checkpoint)  # never store weights a NaN has reached
+        state = {
+            "total_batch_size": self.setup.total_batch_size,
+            "skipped_images": self.skipped_total + statistics.pending_skipped(self.accelerator),
+            "seed": self.args.seed,
+            "total_steps": self.setup.total_steps,
+        }
+        self.last_checkpoint = save_checkpoint(
+            self.accelerator, self.checkpoint_root, self.completed_steps, state, keep=self.args.checkpoints_total_limit
+        )
+
+    # ---- the loop
+    def _epoch_loader(self, epoch: int) -> tuple[Any, int]:
+        """The loader of this pass over the data (skipping what a resumed run already consumed) and its number of
+        optimizer steps."""
+        setup, accumulation = self.setup, self.args.gradient_accumulation_steps
+        if setup.streaming:
+            done = self.completed_steps * accumulation
+            loader = self.accelerator.skip_first_batches(self.dataloader, done) if done else self.dataloader
+            return loader, setup.total_steps - self.completed_steps
+        step_in_epoch = self.completed_steps - epoch * setup.steps_per_epoch
+        self.dataloader.set_epoch(epoch)
+        done = step_in_epoch * accumulation
+        loader = self.accelerator.skip_first_batches(self.dataloader, done) if done else self.dataloader
+        return loader, min(setup.steps_per_epoch - step_in_epoch, setup.total_steps - self.completed_steps)
+
+    def train(self) -> None:
+        args, setup, accelerator = self.args, self.setup, self.accelerator
+        model, optimizer, scheduler = self.model, self.optimizer, self.scheduler
+        device = accelerator.device
+        accumulation = args.gradient_accumulation_steps
+        config = setup.config
+        mean = torch.tensor(config.image_mean, device=device).view(1, -1, 1, 1)
+        std = torch.tensor(config.image_std, device=device).view(1, -1, 1, 1)
+        max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
+        patience = args.max_nonfinite_retries
+        if patience is None:
+            patience = 20 if accelerator.mixed_precision == "fp16" else 0
+        statistics = StepStatistics(device, patience)
+        self.progress = tqdm(total=setup.total_steps, initial=self.completed_steps, desc="pre-training",
+                             disable=not accelerator.is_local_main_process)
+        if self.completed_steps == 0:
+            self.visualize(0)
+        model.train()
+        start = window_start = time.perf_counter()
+        window_steps, lr = 0, optimizer.param_groups[0]["lr"]
+        epoch = self.completed_steps // setup.steps_per_epoch if setup.steps_per_epoch else 0
+        try:
+            while self.completed_steps < setup.total_steps:
+                loader, steps_this_pass = self._epoch_loader(epoch)
+                micro_batches = 0
+                for batch in loader:
+                    # the forward's random draws (masks, degradations) depend on the global micro-batch index only
+                    batch_seed = derive_seed(args.seed, MODEL_SEED_TAG, global_micro_batch_index(
+                        self.completed_steps, micro_batches % accumulation, accumulation,
+                        accelerator.process_index, accelerator.num_processes,
+                    ))
+                    micro_batches += 1
+                    with accelerator.accumulate(model):
+                        pixel_values = normalize_on_device(batch["pixel_values"], mean, std)
+                        with seeded_device_rng(device, batch_seed):
+                            loss = model(pixel_values=pixel_values, return_dict=True).loss
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients:
+                            statistics.add_grad_norm(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    statistics.add_micro_batch(loss, batch["skipped"], self.completed_steps)
+                    if not accelerator.sync_gradients:
+                        continue
+                    lr = optimizer.param_groups[0]["lr"]  # the lr this step used
+                    scheduler.step()
+                    self.completed_steps += 1
+                    window_steps += 1
+                    self.progress.update(1)
+                    step = self.completed_steps
+                    last_step = step >= setup.total_steps
+                    end_of_pass = micro_batches >= steps_this_pass * accumulation
+                    if step % args.logging_steps == 0 or last_step:
+                        self.log(statistics, lr, time.perf_counter() - window_start, window_steps)
+                        window_start, window_steps = time.perf_counter(), 0
+                    if args.visualization_steps and step % args.visualization_steps == 0 and not last_step:
+                        self.visualize(step)
+                    if last_step or (args.checkpointing_steps and step % args.checkpointing_steps == 0) or (
+                        args.save_every_epoch and end_of_pass and not setup.streaming
+                    ):
+                        self.checkpoint(statistics)
+                    if end_of_pass:
+                        break
+                else:
+                    if setup.streaming:
+                        raise RuntimeError("the data stream ended before --max_train_steps; is the dataset empty?")
+                epoch += 1
+        finally:
+            self.progress.close()  # before any error message, so that it starts on a line of its own
+        self.train_seconds = time.perf_counter() - start
+        statistics.check_finite(accelerator, self.last_checkpoint)
+
+    # ---- outputs
+    def write_outputs(self) -> PretrainingResult:
+        """The final model (save_pretrained, with its image processor), the picture, the model card and the push."""
+        args, setup, accelerator = self.args, self.setup, self.accelerator
+        accelerator.wait_for_everyone()
+        if self.completed_steps > 0:
+            self.visualize(self.completed_steps)
+        unwrapped = accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        # a compiled model's state dict names its weights "_orig_mod.<name>": save them under their own names
+        state_dict = {k.replace("_orig_mod.", ""): v for k, v in accelerator.get_state_dict(self.model).items()}
+        unwrapped.save_pretrained(
+            args.output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
+            state_dict=state_dict,
+        )
+        pushed = None
+        if accelerator.is_main_process:
+            if self.skipped_total:
+                logger.warning("skipped %d unreadable images in total", self.skipped_total)
+            card = render_model_card(
+                args.hub_model_id or f"local/{os.path.basename(os.path.normpath(args.output_dir))}",
+                unwrapped.config,
+                task="pretraining",
+                datasets=[args.dataset_name] if args.dataset_name else None,
+                training_details=self._training_details(),
+                images=[FINAL_PICTURE] if self.picture else None,
+            )
+            with open(os.path.join(args.output_dir, "README.md"), "w", encoding="utf-8") as f:
+                f.write(card)
+            if args.push_to_hub:
+                pushed = push_folder_to_hub(
+                    args.output_dir, args.hub_model_id, private=args.hub_private_repo, token=args.hub_token,
+                    commit_message=f"MFM pre-training, step {self.completed_steps}",
+                    client=LocalHubMirror(args.hub_local_dir) if args.hub_local_dir else None,
+                )
+        accelerator.wait_for_everyone()
+        if self.completed_steps == self.steps_at_start:
+            accelerator.print(f"training was already complete at step {self.completed_steps}; outputs re-written")
+        return PretrainingResult(
+            output_dir=args.output_dir,
+            steps=self.completed_steps,
+            final_loss=self.last_loss,
+            skipped_images=self.skipped_total,
+            train_seconds=self.train_seconds,
+            picture=self.picture,
+            pushed_to=pushed,
+        )
+
+    def _training_details(self) -> dict[str, Any]:
+        args, setup, accelerator = self.args, self.setup, self.accelerator
+        steps = self.completed_steps
+        return {
+            "data": setup.data_description,
+            "pretext": setup.config.corruption,
+            "image size": setup.config.image_size,
+            "optimizer steps": steps,
+            "epochs": round(steps / setup.steps_per_epoch, 2) if setup.steps_per_epoch else "n/a (streamed)",
+            "total batch size": setup.total_batch_size,
+            "peak learning rate": setup.peak_lr,
+            "schedule": f"linear warmup {setup.warmup_steps} steps, then cosine to {args.min_lr:g} x batch / 512",
+            "optimizer": f"AdamW betas ({args.adam_beta1}, {args.adam_beta2}), weight decay {args.weight_decay}",
+            "gradient clipping": args.max_grad_norm,
+            "mixed precision": accelerator.mixed_precision,
+            "final loss": round(self.last_loss, 5) if self.last_loss is not None else "n/a",
+            "hardware": describe_hardware(accelerator.device, accelerator.num_processes),
+            "training time (this invocation)": f"{self.train_seconds / 60:.1f} min",
+            "skipped images": self.skipped_total,
+        }

@@ -1,0 +1,330 @@
+"""Training UperNet on an MFM encoder for semantic segmentation on ADE20K-format folders, with Accelerate.
+
+Data layout (the ADEChallengeData2016 release): ``<data_dir>/images/<split>/<name>.jpg`` and
+``<data_dir>/annotations/<split>/<name>.png`` (one class index per pixel), splits ``training`` and ``validation``.
+With ``reduce_labels`` (ADE20K's convention) annotation 0 ("other") becomes the ignored value 255 and class k
+becomes k - 1, giving 150 classes.
+
+The recipe follows BEiT's ADE20K fine-tuning (which MFM's paper uses): UperNet with an auxiliary FCN head (weight
+0.4), AdamW with layer-wise lr decay 0.65 and weight decay 0.05, linear warmup (1500 steps) then linear decay to 0,
+160k steps of batch 16, 512x512 crops of images randomly rescaled by 0.5-2.0 (shorter side relative to the crop) and
+flipped. Evaluation resizes the shorter side to the crop size and predicts with a sliding window (crop size, stride
+2/3 of it, logits averaged), as mmsegmentation's "slide" mode; the metric is mean IoU over the classes present in
+prediction or ground truth, accumulated as one confusion matrix over the whole validation set (each image counted
+once across processes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from PIL import Image
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
+from tqdm.auto import tqdm
+
+from ..segmentation import upernet_from_mfm
+from .checkpointing import read_trainer_state, remove_stale_temporaries, resolve_checkpoint, save_checkpoint
+from .layer_decay import layer_decay_parameter_groups
+from .model_loading import build_mfm_config
+from .transforms import to_rgb
+
+logger = get_logger(__name__)
+
+__all__ = [
+    "ADE20KFolder",
+    "SegmentationArguments",
+    "WarmupLinearDecay",
+    "confusion_matrix",
+    "iou_from_confusion",
+    "sliding_window_logits",
+    "train_segmentation",
+]
+
+IGNORE_INDEX = 255
+
+
+@dataclass
+class SegmentationArguments:
+    """Options of ``run_scripts/run_segmentation.py`` (the command line is generated from these fields)."""
+
+    model_name_or_path: str = field(metadata={"help": "MFM checkpoint or native encoder to put under UperNet."})
+    data_dir: str = field(metadata={"help": "ADE20K-format root: images/<split>/*.jpg, annotations/<split>/*.png."})
+    output_dir: str = field(default="mfm-upernet", metadata={"help": "Where the model, results, checkpoints go."})
+    num_labels: int = field(default=150, metadata={"help": "Classes after label reduction (ADE20K: 150)."})
+    reduce_labels: bool = field(default=True, metadata={"help": "0 -> ignored, k -> k - 1 (ADE20K convention)."})
+    train_split: str = field(default="training", metadata={"help": "Training split folder name."})
+    validation_split: str = field(default="validation", metadata={"help": "Validation split folder name."})
+    crop_size: int = field(default=512, metadata={"help": "Training crop and sliding-window size."})
+    max_train_steps: int = field(default=160000, metadata={"help": "Optimizer steps (BEiT: 160k)."})
+    per_device_train_batch_size: int = field(default=2, metadata={"help": "Batch per process (BEiT: 2 x 8 GPUs)."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate of the head."})
+    layer_decay: float = field(default=0.65, metadata={"help": "Layer-wise lr decay of the encoder."})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay."})
+    warmup_steps: int = field(default=1500, metadata={"help": "Linear warmup steps."})
+    drop_path_rate: float = field(default=0.1, metadata={"help": "Stochastic depth of the encoder."})
+    hidden_size: int = field(default=512, metadata={"help": "UperNet channels."})
+    eval_steps: int = field(default=16000, metadata={"help": "Evaluate (and keep the best model) every N steps."})
+    checkpointing_steps: int = field(default=4000, metadata={"help": "Save a resumable checkpoint every N steps."})
+    checkpoints_total_limit: int | None = field(default=2, metadata={"help": "Keep the newest N checkpoints."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training images."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use the first N validation images."})
+    num_workers: int = field(default=4, metadata={"help": "DataLoader worker processes."})
+    logging_steps: int = field(default=50, metadata={"help": "Log the loss every N steps."})
+    seed: int = field(default=0, metadata={"help": "Random seed."})
+
+    def check(self) -> None:
+        for name in ("num_labels", "crop_size", "max_train_steps", "per_device_train_batch_size", "eval_steps",
+                     "checkpointing_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_labels < 2:
+            raise ValueError(f"num_labels must be >= 2, got {self.num_labels}")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.warmup_steps < 0 or self.warmup_steps > self.max_train_steps:
+            raise ValueError(f"warmup_steps must be in [0, max_train_steps], got {self.warmup_steps}")
+
+
+# ---------------------------------------------------------------------------------------------------- data
+class ADE20KFolder(Dataset):
+    """(image, annotation) pairs of one split; returns ``{"pixel_values": (3, H, W), "labels": (H, W) int64}``."""
+
+    def __init__(self, data_dir: str, split: str, transform: Any, num_labels: int, reduce_labels: bool = True) -> None:
+        images = Path(data_dir) / "images" / split
+        annotations = Path(data_dir) / "annotations" / split
+        for folder in (images, annotations):
+            if not folder.is_dir():
+                raise ValueError(f"{folder} is missing (ADE20K layout: images/<split>, annotations/<split>)")
+        masks = {p.stem: p for p in annotations.iterdir() if p.suffix.lower() == ".png"}
+        self.pairs = [(p, masks[p.stem]) for p in sorted(images.iterdir())
+                      if p.suffix.lower() in (".jpg", ".jpeg", ".png") and p.stem in masks]
+        if not self.pairs:
+            raise ValueError(f"no image with a matching annotation in {images} / {annotations}")
+        self.transform = transform
+        self.num_labels = num_labels
+        self.reduce_labels = reduce_labels
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        image_path, mask_path = self.pairs[index]
+        with Image.open(image_path) as opened:
+            image = to_rgb(opened)
+            image.load()  # decode before the file closes
+        with Image.open(mask_path) as mask:
+            labels = torch.from_numpy(np.array(mask, dtype=np.int64))
+        if labels.dim() != 2:
+            raise ValueError(f"{mask_path} must hold one class index per pixel (a single-channel PNG)")
+        if self.reduce_labels:
+            labels = torch.where(labels == 0, IGNORE_INDEX, labels - 1)
+        out_of_range = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= self.num_labels))
+        if out_of_range.any():
+            raise ValueError(f"{mask_path} has labels outside [0, {self.num_labels}) (after reduction)")
+        pixel_values, labels = self.transform(tv_tensors.Image(T.functional.pil_to_tensor(image)),
+                                              tv_tensors.Mask(labels))
+        return {"pixel_values": pixel_values, "labels": labels.as_subclass(torch.Tensor).long()}
+
+
+def train_transform(crop_size: int, mean: list[float], std: list[float]) -> T.Compose:
+    """Random rescale (shorter side 0.5-2.0 x crop), random crop padded with the ignore value, flip, normalise."""
+    return T.Compose([
+        T.RandomShortestSize(list(range(crop_size // 2, 2 * crop_size + 1, max(1, crop_size // 16))),
+                             antialias=True),
+        T.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
+        T.RandomHorizontalFlip(),
+        T.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64}, scale=True),
+        T.Normalize(mean, std),
+    ])
+
+
+def eval_transform(crop_size: int, mean: list[float], std: list[float]) -> T.Compose:
+    """Shorter side to the crop size (labels with nearest neighbours), normalise; inference slides over the rest."""
+    return T.Compose([
+        T.Resize(crop_size, interpolation=InterpolationMode.BILINEAR, antialias=True),
+        T.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64}, scale=True),
+        T.Normalize(mean, std),
+    ])
+
+
+# ---------------------------------------------------------------------------------------------------- inference
+@torch.no_grad()
+def sliding_window_logits(model: torch.nn.Module, image: torch.Tensor, crop: int, num_labels: int) -> torch.Tensor:
+    """(1, 3, H, W) -> (1, C, H, W) logits averaged over crop x crop windows with stride 2/3 crop (the image is
+    padded to at least one crop)."""
+    _, _, height, width = image.shape
+    pad_h, pad_w = max(crop - height, 0), max(crop - width, 0)
+    padded = F.pad(image, (0, pad_w, 0, pad_h))
+    full_h, full_w = padded.shape[-2:]
+    stride = max(1, crop * 2 // 3)
+    rows = max(math.ceil((full_h - crop) / stride), 0) + 1
+    cols = max(math.ceil((full_w - crop) / stride), 0) + 1
+    logits = padded.new_zeros((1, num_labels, full_h, full_w))
+    counts = padded.new_zeros((1, 1, full_h, full_w))
+    for r in range(rows):
+        for c in range(cols):
+            top, left = min(r * stride, full_h - crop), min(c * stride, full_w - crop)
+            window = padded[:, :, top:top + crop, left:left + crop]
+            logits[:, :, top:top + crop, left:left + crop] += model(pixel_values=window).logits
+            counts[:, :, top:top + crop, left:left + crop] += 1
+    return (logits / counts)[:, :, :height, :width]
+
+
+def confusion_matrix(prediction: torch.Tensor, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """(num_labels, num_labels) counts, rows = ground truth, columns = prediction; ignored pixels skipped."""
+    keep = labels != IGNORE_INDEX
+    index = labels[keep] * num_labels + prediction[keep]
+    return torch.bincount(index, minlength=num_labels**2).reshape(num_labels, num_labels)
+
+
+def iou_from_confusion(confusion: torch.Tensor) -> dict[str, float]:
+    """Mean IoU (%) over classes with a non-empty union, and pixel accuracy (%)."""
+    confusion = confusion.double()
+    intersection = confusion.diag()
+    union = confusion.sum(0) + confusion.sum(1) - intersection
+    present = union > 0
+    if not present.any():
+        raise ValueError("no labelled pixels to score")
+    iou = intersection[present] / union[present]
+    return {"mean_iou": 100.0 * float(iou.mean()), "pixel_accuracy": 100.0 * float(intersection.sum() / confusion.sum())}
+
+
+@torch.no_grad()
+def evaluate_segmentation(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator, crop: int,
+                          num_labels: int) -> dict[str, float]:
+    model.eval()
+    total = torch.zeros(num_labels, num_labels, dtype=torch.long, device=accelerator.device)
+    images = 0
+    for batch in loader:
+        per_image = []
+        for image, labels in zip(batch["pixel_values"], batch["labels"]):
+            logits = sliding_window_logits(model, image.unsqueeze(0), crop, num_labels)
+            per_image.append(confusion_matrix(logits.argmax(1)[0], labels, num_labels))
+        gathered = accelerator.gather_for_metrics(torch.stack(per_image))
+        total += gathered.sum(0)
+        images += len(gathered)
+    return {**iou_from_confusion(total.cpu()), "num_samples": images}
+
+
+class WarmupLinearDecay:
+    """LambdaLR factor: linear warmup from 0 to 1 over ``warmup_steps``, then linear decay to 0 at ``total_steps``
+    (mmsegmentation's poly schedule with power 1)."""
+
+    def __init__(self, total_steps: int, warmup_steps: int) -> None:
+        self.total_steps, self.warmup_steps = total_steps, warmup_steps
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        return max(0.0, (self.total_steps - step) / max(1, self.total_steps - self.warmup_steps))
+
+
+def _collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    shapes = {tuple(s["pixel_values"].shape) for s in samples}
+    if len(shapes) == 1:
+        return {k: torch.stack([s[k] for s in samples]) for k in ("pixel_values", "labels")}
+    return {k: [s[k] for s in samples] for k in ("pixel_values", "labels")}  # evaluation images of several sizes
+
+
+# ---------------------------------------------------------------------------------------------------- the run
+def train_segmentation(args: SegmentationArguments) -> dict[str, Any]:
+    """Trains, evaluates every ``eval_steps`` (keeping the best model in ``output_dir``) and returns the results."""
+    args.check()
+    accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    set_seed(args.seed)
+    output_dir = Path(args.output_dir)
+    checkpoint_root = output_dir / "checkpoints"
+    model = upernet_from_mfm(args.model_name_or_path, num_labels=args.num_labels, image_size=args.crop_size,
+                             hidden_size=args.hidden_size, drop_path_rate=args.drop_path_rate)
+    encoder_config, _ = build_mfm_config(args.model_name_or_path)  # for the encoder's normalisation
+    mean, std = list(encoder_config.image_mean), list(encoder_config.image_std)
+    backbone_config = model.config.backbone_config
+    num_layers = getattr(backbone_config, "num_hidden_layers", None) or len(backbone_config.depths)
+
+    train_set = ADE20KFolder(args.data_dir, args.train_split, train_transform(args.crop_size, mean, std),
+                             args.num_labels, args.reduce_labels)
+    eval_set = ADE20KFolder(args.data_dir, args.validation_split, eval_transform(args.crop_size, mean, std),
+                            args.num_labels, args.reduce_labels)
+    if args.max_train_samples:
+        train_set.pairs = train_set.pairs[:args.max_train_samples]
+    if args.max_eval_samples:
+        eval_set.pairs = eval_set.pairs[:args.max_eval_samples]
+    train_loader = DataLoader(train_set, batch_size=args.per_device_train_batch_size, shuffle=True, drop_last=True,
+                              num_workers=args.num_workers, collate_fn=_collate)
+    eval_loader = DataLoader(eval_set, batch_size=1, num_workers=args.num_workers, collate_fn=_collate)
+    groups = layer_decay_parameter_groups(model, args.weight_decay, args.layer_decay, lr=args.learning_rate,
+                                          num_layers=num_layers)
+    for group in groups:
+        group.pop("names")
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.999))
+    scheduler = LambdaLR(optimizer, WarmupLinearDecay(args.max_train_steps, args.warmup_steps))
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    accelerator.register_for_checkpointing(scheduler)
+    if len(train_loader) == 0:
+        raise ValueError("the training split is smaller than one global batch")
+
+    state: dict[str, Any] = {"global_step": 0, "best": {}, "history": []}
+    if accelerator.is_main_process:
+        remove_stale_temporaries(checkpoint_root)
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, checkpoint_root)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        state.update(read_trainer_state(checkpoint))
+    unwrapped = accelerator.unwrap_model(model)
+    progress = tqdm(total=args.max_train_steps, initial=state["global_step"], desc="segmentation",
+                    disable=not accelerator.is_local_main_process)
+    epoch = state["global_step"] // len(train_loader)
+    while state["global_step"] < args.max_train_steps:
+        model.train()
+        train_loader.set_epoch(epoch)
+        skip = state["global_step"] - epoch * len(train_loader)
+        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        for batch in loader:
+            loss = model(pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"non-finite loss {loss.item()} at step {state['global_step']}")
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            state["global_step"] += 1
+            step = state["global_step"]
+            progress.update(1)
+            if step % args.logging_steps == 0:
+                progress.set_postfix(loss=f"{loss.item():.4f}")
+            if step % args.eval_steps == 0 or step == args.max_train_steps:
+                metrics = evaluate_segmentation(model, eval_loader, accelerator, args.crop_size, args.num_labels)
+                state["history"].append({"step": step, **metrics})
+                logger.info("step %d: %s", step, metrics)
+                if not state["best"] or metrics["mean_iou"] > state["best"]["mean_iou"]:
+                    state["best"] = {"step": step, **metrics}
+                    unwrapped.save_pretrained(output_dir, is_main_process=accelerator.is_main_process,
+                                              save_function=accelerator.save)
+                model.train()
+            if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
+                save_checkpoint(accelerator, checkpoint_root, step, state, keep=args.checkpoints_total_limit)
+            if step >= args.max_train_steps:
+                break
+        epoch += 1
+    progress.close()
+    results = {"global_step": state["global_step"], "best": state["best"], "history": state["history"],
+               "arguments": asdict(args)}
+    if accelerator.is_main_process:
+        (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    accelerator.wait_for_everyone()
+    return results

@@ -1,0 +1,178 @@
+"""The pre-training augmentation of MFM: RandomResizedCrop(size, scale=(0.2, 1.0), bicubic) + horizontal flip.
+
+Why not torchvision's transform object: the crop parameters here are drawn from an explicit ``numpy`` generator
+(one per sample, seeded from (seed, epoch, index)), so that a sample looks the same whichever worker, process or
+resumed run produces it; and the crop is known *before* the image is decoded, which lets JPEGs be decoded at a
+reduced resolution (PIL draft mode, DCT scaling by 1/2, 1/4 or 1/8) when the crop is going to be downscaled anyway.
+The crop geometry (and so its distribution) is the same with and without draft mode: the crop box is mapped to the
+reduced image in fractional coordinates and resampled with ``Image.resize(box=...)``.
+
+The output is a ``uint8`` tensor (C, H, W): four times less data through worker queues, pinned memory and the
+host-to-device copy than float32. Normalisation happens on the device (`normalize_on_device`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = [
+    "DEFAULT_CROP_SCALE",
+    "DEFAULT_CROP_RATIO",
+    "PretrainTransform",
+    "normalize_on_device",
+    "sample_resized_crop",
+    "to_rgb",
+]
+
+DEFAULT_CROP_SCALE = (0.2, 1.0)  # official MFM pre-training
+DEFAULT_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+
+def sample_resized_crop(
+    width: int,
+    height: int,
+    rng: np.random.Generator,
+    scale: Sequence[float] = DEFAULT_CROP_SCALE,
+    ratio: Sequence[float] = DEFAULT_CROP_RATIO,
+    attempts: int = 10,
+) -> tuple[int, int, int, int]:
+    """Draws a RandomResizedCrop box ``(top, left, crop_height, crop_width)`` for an image of ``width x height``.
+
+    The distribution is torchvision's: area fraction uniform in ``scale``, log aspect ratio uniform in
+    ``log(ratio)``, up to ``attempts`` tries to fit the box, then a centre crop clipped to ``ratio``.
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    if not (0 < scale[0] <= scale[1] <= 1):
+        raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {tuple(scale)}")
+    if not (0 < ratio[0] <= ratio[1]):
+        raise ValueError(f"ratio must satisfy 0 < min <= max, got {tuple(ratio)}")
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(attempts):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        crop_w = int(round(math.sqrt(target_area * aspect)))
+        crop_h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            top = int(rng.integers(0, height - crop_h + 1))
+            left = int(rng.integers(0, width - crop_w + 1))
+            return top, left, crop_h, crop_w
+    # fallback: the largest centred box whose aspect ratio is within `ratio`
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        crop_w, crop_h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        crop_h, crop_w = height, int(round(height * ratio[1]))
+    else:
+        crop_w, crop_h = width, height
+    return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
+
+
+def _scaled_to_uint8(array: np.ndarray, max_value: float) -> np.ndarray:
+    return np.clip(np.round(array.astype(np.float64) * (255.0 / max_value)), 0, 255).astype(np.uint8)
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Any PIL image -> 8-bit RGB.
+
+    Greyscale, palette and CMYK images are converted by PIL; 16-bit and 32-bit integer images are rescaled from
+    their full range (PIL's own conversion would clip them to 255); float images in [0, 1] are scaled by 255;
+    images with transparency are composited over ``background`` (what the transparent pixels hide is undefined).
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I;16"):
+        return Image.fromarray(_scaled_to_uint8(np.asarray(image), 65535.0), mode="L").convert("RGB")
+    if mode == "I":
+        array = np.asarray(image)
+        max_value = 65535.0 if array.max(initial=0) > 255 else 255.0
+        return Image.fromarray(_scaled_to_uint8(array, max_value), mode="L").convert("RGB")
+    if mode == "F":
+        array = np.asarray(image)
+        max_value = 1.0 if array.max(initial=0.0) <= 1.0 else 255.0
+        return Image.fromarray(_scaled_to_uint8(array, max_value), mode="L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+class PretrainTransform:
+    """Opened PIL image -> augmented ``uint8`` tensor (3, size, size).
+
+    Args:
+        size: output side length (the model's image_size).
+        scale, ratio: RandomResizedCrop area and aspect-ratio ranges (official: scale (0.2, 1.0)).
+        hflip_probability: probability of a horizontal flip.
+        jpeg_draft: decode JPEGs at a reduced resolution when the crop is downscaled by 2x or more.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        scale: Sequence[float] = DEFAULT_CROP_SCALE,
+        ratio: Sequence[float] = DEFAULT_CROP_RATIO,
+        hflip_probability: float = 0.5,
+        jpeg_draft: bool = True,
+    ) -> None:
+        if size <= 0:
+            raise ValueError(f"size must be positive, got {size}")
+        if not 0.0 <= hflip_probability <= 1.0:
+            raise ValueError(f"hflip_probability must be in [0, 1], got {hflip_probability}")
+        self.size = int(size)
+        self.scale = tuple(scale)
+        self.ratio = tuple(ratio)
+        self.hflip_probability = hflip_probability
+        self.jpeg_draft = jpeg_draft
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio}, "
+            f"hflip_probability={self.hflip_probability}, jpeg_draft={self.jpeg_draft})"
+        )
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+        width, height = image.size  # from the header: nothing decoded yet for a lazily opened file
+        top, left, crop_h, crop_w = sample_resized_crop(width, height, rng, self.scale, self.ratio)
+        flip = rng.random() < self.hflip_probability
+        reduction = 1.0
+        if self.jpeg_draft and image.format in ("JPEG", "MPO"):
+            # ask for the smallest decode in which the crop still has >= size pixels per side
+            requested = (
+                max(1, math.ceil(width * self.size / crop_w)),
+                max(1, math.ceil(height * self.size / crop_h)),
+            )
+            drafted = image.draft("RGB", requested)
+            if drafted is not None:
+                reduction = width / drafted[1][2]  # the draft box is the full image in reduced pixels
+        image = to_rgb(image)
+        box = (
+            left / reduction,
+            top / reduction,
+            (left + crop_w) / reduction,
+            (top + crop_h) / reduction,
+        )
+        out = image.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
+        if flip:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+def normalize_on_device(
+    images: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor
+) -> torch.Tensor:
+    """``uint8`` (B, C, H, W) -> float32 ``(x / 255 - mean) / std``, computed where ``images`` lives (the
+    accelerator), as torchvision's ``ToTensor`` + ``Normalize`` do on the host."""
+    if images.dtype != torch.uint8:
+        raise ValueError(f"images must be uint8, got {images.dtype}")
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    return (images.float().div_(255.0) - mean_t) / std_t

@@ -1,0 +1,83 @@
+#!/usr/bin/env python
+"""Throughput and peak memory of MFM pre-training: the training step and, separately, the input pipeline.
+
+    python run_scripts/benchmark_pretrain.py --models mfm-vit-tiny mfm-vit-base --batch_size 8
+    python run_scripts/benchmark_pretrain.py --skip_step --data_dir path/to/jpegs --num_workers 0 1 2
+    python run_scripts/benchmark_pretrain.py ... --json results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from modeling_mfm.configuration_mfm import MFMConfig
+from modeling_mfm.training.benchmark import benchmark_input_pipeline, benchmark_training_step
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    step = parser.add_argument_group("training step (synthetic images)")
+    step.add_argument("--models", nargs="+", default=["mfm-vit-tiny", "mfm-vit-base"], help="Preset names.")
+    step.add_argument("--image_size", type=int, default=224)
+    step.add_argument("--batch_size", type=int, default=8, help="Per-device batch of the training step.")
+    step.add_argument("--steps", type=int, default=5, help="Timed steps.")
+    step.add_argument("--warmup_steps", type=int, default=2, help="Untimed steps first.")
+    step.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    step.add_argument("--torch_compile", action="store_true")
+    step.add_argument("--gradient_checkpointing", action="store_true")
+    step.add_argument("--cpu", action="store_true", help="Run the step on the CPU even if an accelerator exists.")
+    step.add_argument("--skip_step", action="store_true", help="Only benchmark the input pipeline.")
+    data = parser.add_argument_group("input pipeline (a folder of images)")
+    data.add_argument("--data_dir", help="Folder of images; the pipeline benchmark runs when given.")
+    data.add_argument("--num_workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader workers to try.")
+    data.add_argument("--data_batch_size", type=int, default=32)
+    data.add_argument("--data_batches", type=int, default=10, help="Timed batches per setting.")
+    data.add_argument("--compare_jpeg_draft", action="store_true",
+                      help="Also measure with JPEG draft decoding off.")
+    data.add_argument("--cache_dir", help="Where datasets caches the folder's file list.")
+    parser.add_argument("--json", help="Write all results to this JSON file.")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    results = []
+    try:
+        # the input pipeline first, while this process holds no model (its memory figure stays clean)
+        if args.data_dir:
+            for draft in ([True, False] if args.compare_jpeg_draft else [True]):
+                for workers in args.num_workers:
+                    result = benchmark_input_pipeline(
+                        args.data_dir, args.image_size, args.data_batch_size, workers, args.data_batches, draft,
+                        cache_dir=args.cache_dir,
+                    )
+                    results.append(result)
+                    print(f"data  {workers} workers  draft {'on ' if draft else 'off'}  "
+                          f"{result['img_per_s']:8.1f} img/s  {result['img_per_s_per_worker']:8.1f} img/s/worker  "
+                          f"peak {result['peak_memory_mib']:8.0f} MiB  ({result['images']} images)", flush=True)
+        if not args.skip_step:
+            for name in args.models:
+                config = MFMConfig.from_preset(name, image_size=args.image_size)
+                result = benchmark_training_step(
+                    config, args.batch_size, args.steps, args.warmup_steps, args.mixed_precision,
+                    args.torch_compile, args.gradient_checkpointing, args.cpu,
+                )
+                result["model"] = name
+                results.append(result)
+                print(f"step  {name:<16} {result['image_size']}px batch {result['batch_size']:<4} "
+                      f"{result['img_per_s']:8.1f} img/s  {result['step_seconds'] * 1000:8.0f} ms/step  "
+                      f"peak {result['peak_memory_mib']:8.0f} MiB  ({result['hardware']}, "
+                      f"{result['mixed_precision']}, {result['threads']} threads)", flush=True)
+    except ValueError as error:
+        print(f"benchmark_pretrain.py: error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

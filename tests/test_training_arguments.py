@@ -1,0 +1,93 @@
+"""Command-line arguments (MFMConfig fields as flags, demo vs official defaults) and building the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modeling_mfm import MFMConfig, MFMForPreTraining
+from modeling_mfm.training.arguments import (
+    DEMO_DEFAULTS,
+    OFFICIAL_DEFAULTS,
+    build_argument_parser,
+    is_demo_run,
+    parse_arguments,
+    parse_backbone_overrides,
+    resolve_defaults,
+)
+from modeling_mfm.training.model_factory import build_config, build_model, override_config
+
+
+def test_every_config_field_is_a_flag():
+    options = {a.dest for a in build_argument_parser()._actions}
+    own_fields = [name for name in MFMConfig.__annotations__ if name != "backbone_config"]
+    assert own_fields and set(own_fields) <= options
+
+
+def test_overrides_are_typed_and_only_the_given_ones():
+    args, overrides = parse_arguments([
+        "--mask_radius", "24", "--corruption", "sr", "--with_matrix", "true", "--image_mean", "0.5", "0.5", "0.5",
+        "--no_jpeg_draft", "--train_dir", "x",
+    ])
+    assert overrides == {"mask_radius": 24.0, "corruption": "sr", "with_matrix": True, "image_mean": [0.5] * 3}
+    assert args.jpeg_draft is False and args.train_dir == "x"
+
+
+def test_demo_and_official_defaults():
+    demo = resolve_defaults(parse_arguments([])[0])
+    assert is_demo_run(demo)
+    assert demo.model == DEMO_DEFAULTS["model"] and demo.max_train_steps == DEMO_DEFAULTS["max_train_steps"]
+    official = resolve_defaults(parse_arguments(["--train_dir", "data", "--per_device_train_batch_size", "64"])[0])
+    assert not is_demo_run(official)
+    assert official.model == "mfm-vit-base" and official.num_train_epochs == 300 and official.warmup_epochs == 20
+    assert official.base_learning_rate == OFFICIAL_DEFAULTS["base_learning_rate"] == 3e-4
+    assert official.per_device_train_batch_size == 64  # given values win
+    assert (official.adam_beta1, official.adam_beta2, official.weight_decay, official.max_grad_norm) == (
+        0.9, 0.95, 0.05, 3.0)
+    from_file = resolve_defaults(parse_arguments(["--train_dir", "d", "--config_file", "c.json"])[0])
+    assert from_file.model is None
+
+
+def test_backbone_overrides_json():
+    assert parse_backbone_overrides('{"num_hidden_layers": 2}') == {"num_hidden_layers": 2}
+    assert parse_backbone_overrides(None) == {}
+    with pytest.raises(ValueError, match="JSON object"):
+        parse_backbone_overrides("[1, 2]")
+    with pytest.raises(ValueError, match="JSON object"):
+        parse_backbone_overrides("{num_hidden_layers: 2}")
+
+
+def test_build_config_sources_and_overrides(tmp_path, tiny_config_factory):
+    config = build_config(model="mfm-vit-tiny", overrides={"image_size": 64, "mask_radius": 5.0},
+                          backbone_overrides={"num_hidden_layers": 2})
+    assert (config.image_size, config.backbone_config.image_size, config.mask_radius) == (64, 64, 5.0)
+    assert config.backbone_config.num_hidden_layers == 2
+    path = tmp_path / "config.json"
+    tiny_config_factory("beit").to_json_file(str(path))
+    from_file = build_config(config_file=str(path), overrides={"corruption": "sr", "loss_on": "all",
+                                                               "image_size": 64})
+    assert from_file.corruption == "sr" and from_file.backbone_config.image_size == 64
+    assert from_file.backbone_config.hidden_size == 32
+    with pytest.raises(ValueError, match="exactly one"):
+        build_config(model="mfm-vit-tiny", config_file=str(path))
+    with pytest.raises(ValueError, match="unknown preset"):
+        build_config(model="mfm-vit-gigantic")
+    with pytest.raises(ValueError, match="divisible by the encoder stride"):
+        build_config(config_file=str(path), overrides={"image_size": 30})
+    with pytest.raises(ValueError, match="does not exist"):
+        build_config(config_file=str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="unknown MFMConfig fields"):
+        override_config(from_file, {"mask_raduis": 3})
+
+
+def test_continue_from_a_saved_model(tmp_path, tiny_config_factory):
+    torch.manual_seed(0)
+    saved = MFMForPreTraining(tiny_config_factory("beit"))
+    saved.save_pretrained(tmp_path / "model")
+    config = build_config(model_name_or_path=str(tmp_path / "model"), overrides={"mask_radius": 6.0})
+    model = build_model(config, str(tmp_path / "model"))
+    assert model.config.mask_radius == 6.0
+    for (name, a), (_, b) in zip(saved.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="change parameter shapes"):
+        build_config(model_name_or_path=str(tmp_path / "model"), overrides={"image_size": 64})

@@ -1,0 +1,132 @@
+"""AdamW parameter groups, the linear lr scaling rule and the warmup + cosine schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from modeling_mfm import MFMForPreTraining
+from modeling_mfm.training.optim import build_optimizer, parameter_groups, scale_learning_rate
+from modeling_mfm.training.schedules import WarmupCosineSchedule, build_warmup_cosine_scheduler, warmup_cosine_lr
+
+
+class ToyViT(nn.Module):
+    """Parameter names and shapes of the MFM ViT family (BEiT backbone, transformer decoder)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embeddings = nn.Module()
+        self.embeddings.cls_token = nn.Parameter(torch.zeros(1, 1, 8))
+        self.embeddings.position_embeddings = nn.Parameter(torch.zeros(1, 5, 8))
+        self.embeddings.patch_embeddings = nn.Module()
+        self.embeddings.patch_embeddings.projection = nn.Conv2d(3, 8, 2, 2)
+        self.attention = nn.Module()
+        self.attention.q_proj = nn.Linear(8, 8)
+        self.attention.k_proj = nn.Linear(8, 8, bias=False)
+        self.layernorm_before = nn.LayerNorm(8)
+        self.decoder = nn.Module()
+        self.decoder.position_embeddings = nn.Parameter(torch.zeros(1, 5, 4))
+        self.decoder.projection = nn.Conv2d(8, 12, 1)
+        self.frozen = nn.Parameter(torch.zeros(2, 2), requires_grad=False)
+
+
+def test_parameter_groups_follow_the_official_rule():
+    groups = {g["group_name"]: g for g in parameter_groups(ToyViT(), weight_decay=0.05)}
+    assert sorted(groups["decay"]["names"]) == [
+        "attention.k_proj.weight",
+        "attention.q_proj.weight",
+        "decoder.projection.weight",
+        "embeddings.patch_embeddings.projection.weight",
+    ]
+    assert sorted(groups["no_decay"]["names"]) == [
+        "attention.q_proj.bias",
+        "decoder.position_embeddings",
+        "decoder.projection.bias",
+        "embeddings.cls_token",
+        "embeddings.patch_embeddings.projection.bias",
+        "embeddings.position_embeddings",
+        "layernorm_before.bias",
+        "layernorm_before.weight",
+    ]
+    assert groups["decay"]["weight_decay"] == 0.05 and groups["no_decay"]["weight_decay"] == 0.0
+
+
+def test_parameter_groups_on_the_real_model(tiny_config_factory):
+    model = MFMForPreTraining(tiny_config_factory("beit", decoder_depth=1, decoder_hidden_size=16,
+                                                  decoder_num_attention_heads=2))
+    groups = {g["group_name"]: g for g in parameter_groups(model, 0.05)}
+    names = groups["decay"]["names"] + groups["no_decay"]["names"]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sorted(names) == sorted(trainable)  # every parameter exactly once
+    params = dict(model.named_parameters())
+    for name in groups["decay"]["names"]:
+        assert params[name].ndim >= 2 and "position_embeddings" not in name and "cls_token" not in name
+    for name in ("mfm.backbone.embeddings.cls_token", "mfm.backbone.embeddings.position_embeddings",
+                 "decoder.position_embeddings", "decoder.layernorm.weight", "decoder.projection.bias"):
+        assert name in groups["no_decay"]["names"]
+
+
+def test_build_optimizer():
+    optimizer = build_optimizer(ToyViT(), lr=1e-3)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.defaults["betas"] == (0.9, 0.95) and optimizer.defaults["fused"] is False
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05, 0.0]
+    with pytest.raises(ValueError, match="betas"):
+        build_optimizer(ToyViT(), lr=1e-3, betas=(0.9, 1.5))
+    with pytest.raises(ValueError, match="weight_decay"):
+        parameter_groups(ToyViT(), -1.0)
+
+
+def test_linear_scaling_rule():
+    assert scale_learning_rate(3e-4, 2048) == pytest.approx(1.2e-3)  # official: 128 x 16 GPUs
+    assert scale_learning_rate(3e-4, 512) == pytest.approx(3e-4)
+    with pytest.raises(ValueError, match="total_batch_size"):
+        scale_learning_rate(3e-4, 0)
+
+
+def test_warmup_cosine_values():
+    kwargs = dict(peak_lr=1.0, total_steps=100, warmup_steps=10, warmup_lr=0.1, min_lr=0.01)
+    assert warmup_cosine_lr(0, **kwargs) == pytest.approx(0.1)
+    assert warmup_cosine_lr(5, **kwargs) == pytest.approx(0.55)
+    # the cosine is measured from step 0, as timm's CosineLRScheduler without warmup_prefix
+    assert warmup_cosine_lr(10, **kwargs) == pytest.approx(0.01 + 0.99 * (1 + math.cos(math.pi * 0.1)) / 2)
+    assert warmup_cosine_lr(50, **kwargs) == pytest.approx(0.505)
+    assert warmup_cosine_lr(100, **kwargs) == pytest.approx(0.01)
+    after = [warmup_cosine_lr(s, **kwargs) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(after, after[1:]))
+    with pytest.raises(ValueError, match="warmup_steps"):
+        WarmupCosineSchedule(1.0, 10, 11, 0.0, 0.0)
+    with pytest.raises(ValueError, match="min_lr"):
+        WarmupCosineSchedule(1.0, 10, 1, 0.0, 2.0)
+
+
+def test_scheduler_steps_per_optimizer_step_and_restores():
+    def make():
+        optimizer = torch.optim.AdamW(parameter_groups(ToyViT(), 0.05), lr=2.0)
+        return optimizer, build_warmup_cosine_scheduler(optimizer, 20, 4, warmup_lr=0.2, min_lr=0.02)
+
+    optimizer, scheduler = make()
+    seen = []
+    for _ in range(20):
+        seen.append(optimizer.param_groups[0]["lr"])
+        assert {g["lr"] for g in optimizer.param_groups} == {seen[-1]}
+        optimizer.step()
+        scheduler.step()
+    expected = [warmup_cosine_lr(s, 2.0, 20, 4, 0.2, 0.02) for s in range(20)]
+    assert seen == pytest.approx(expected)
+    # a scheduler restored at step 7 continues identically
+    optimizer, scheduler = make()
+    for _ in range(7):
+        optimizer.step()
+        scheduler.step()
+    state = scheduler.state_dict()
+    optimizer2, scheduler2 = make()
+    optimizer2.load_state_dict(optimizer.state_dict())
+    scheduler2.load_state_dict(state)
+    assert optimizer2.param_groups[0]["lr"] == pytest.approx(expected[7])
+    optimizer2.step()
+    scheduler2.step()
+    assert optimizer2.param_groups[0]["lr"] == pytest.approx(expected[8])

@@ -1,0 +1,150 @@
+"""The pre-training augmentation: crop distribution, equality with torchvision, JPEG draft decoding, colour modes."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode, RandomResizedCrop
+from torchvision.transforms import functional as TF
+
+from modeling_mfm.training.transforms import (
+    PretrainTransform,
+    normalize_on_device,
+    sample_resized_crop,
+    to_rgb,
+)
+
+
+def _jpeg(array: np.ndarray, quality: int = 95) -> Image.Image:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
+    buffer.seek(0)
+    return Image.open(buffer)
+
+
+def test_crop_distribution_matches_torchvision():
+    width, height, draws = 300, 200, 4000
+    rng = np.random.default_rng(0)
+    ours = np.array([sample_resized_crop(width, height, rng, scale=(0.2, 1.0)) for _ in range(draws)])
+    torch.manual_seed(0)
+    image = torch.zeros(3, height, width)
+    theirs = np.array([RandomResizedCrop.get_params(image, [0.2, 1.0], [3 / 4, 4 / 3]) for _ in range(draws)])
+    for boxes in (ours, theirs):  # every box lies inside the image
+        top, left, h, w = boxes.T
+        assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
+    area_ours = ours[:, 2] * ours[:, 3] / (width * height)
+    area_theirs = theirs[:, 2] * theirs[:, 3] / (width * height)
+    ratio_ours = np.log(ours[:, 3] / ours[:, 2])
+    ratio_theirs = np.log(theirs[:, 3] / theirs[:, 2])
+    # same distribution: quantiles agree within sampling noise
+    for q in (0.1, 0.25, 0.5, 0.75, 0.9):
+        assert abs(np.quantile(area_ours, q) - np.quantile(area_theirs, q)) < 0.03
+        assert abs(np.quantile(ratio_ours, q) - np.quantile(ratio_theirs, q)) < 0.03
+    assert 0.19 <= area_ours.min() and area_ours.max() <= 1.0  # 0.2 up to the rounding of the box sides
+
+
+def test_crop_fallback_is_torchvision_centre_crop():
+    # a 1000x10 strip: no random box with ratio in [3/4, 4/3] and area >= 20% fits, both fall back to the centre
+    rng = np.random.default_rng(0)
+    ours = sample_resized_crop(1000, 10, rng)
+    theirs = RandomResizedCrop.get_params(torch.zeros(3, 10, 1000), [0.2, 1.0], [3 / 4, 4 / 3])
+    assert ours == tuple(theirs) == (0, 493, 10, 13)
+
+
+def test_crop_rejects_bad_ranges():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="scale"):
+        sample_resized_crop(10, 10, rng, scale=(0.0, 1.0))
+    with pytest.raises(ValueError, match="ratio"):
+        sample_resized_crop(10, 10, rng, ratio=(2.0, 1.0))
+    with pytest.raises(ValueError, match="size"):
+        PretrainTransform(0)
+
+
+def test_transform_equals_torchvision_resized_crop_for_the_same_box():
+    rng = np.random.default_rng(1)
+    array = (rng.random((120, 160, 3)) * 255).astype(np.uint8)
+    image = Image.fromarray(array)
+    transform = PretrainTransform(32, hflip_probability=0.0, jpeg_draft=False)
+    out = transform(image, np.random.default_rng(7))
+    top, left, h, w = sample_resized_crop(160, 120, np.random.default_rng(7))
+    expected = TF.pil_to_tensor(TF.resized_crop(image, top, left, h, w, [32, 32], InterpolationMode.BICUBIC))
+    assert out.dtype == torch.uint8 and out.shape == (3, 32, 32)
+    # Image.resize(box=...) may read pixels just outside the box where crop-then-resize repeats the edge, so only
+    # the border rows / columns can differ
+    diff = (out.int() - expected.int()).abs()
+    assert diff[:, 3:-3, 3:-3].max() <= 1
+    assert diff.float().mean() < 2.0
+
+
+def test_flip_probability_one_mirrors():
+    rng = np.random.default_rng(2)
+    image = Image.fromarray((rng.random((40, 40, 3)) * 255).astype(np.uint8))
+    plain = PretrainTransform(16, hflip_probability=0.0, jpeg_draft=False)(image, np.random.default_rng(3))
+    flipped = PretrainTransform(16, hflip_probability=1.0, jpeg_draft=False)(image, np.random.default_rng(3))
+    assert torch.equal(flipped, plain.flip(-1))
+
+
+def test_jpeg_draft_decodes_smaller_and_keeps_the_crop_geometry():
+    width, height, size = 1024, 768, 32
+    xs = np.linspace(0, 255, width)[None, :].repeat(height, 0)
+    ys = np.linspace(0, 255, height)[:, None].repeat(width, 1)
+    gradient = np.stack([xs, ys, np.full_like(xs, 128)], axis=-1).round().astype(np.uint8)
+    transform = PretrainTransform(size, hflip_probability=0.0, jpeg_draft=True)
+    full = PretrainTransform(size, hflip_probability=0.0, jpeg_draft=False)
+    for seed in range(5):
+        image = _jpeg(gradient)
+        drafted = transform(image, np.random.default_rng(seed))
+        reference = full(_jpeg(gradient), np.random.default_rng(seed))
+        top, left, h, w = sample_resized_crop(width, height, np.random.default_rng(seed))
+        if min(w, h) >= 2 * size:  # the decode was reduced
+            assert image.size[0] < width
+        # independent expectation: the gradient's value at each output pixel centre
+        u = (np.arange(size) + 0.5) / size
+        expected_r = (left + u * w) / (width - 1) * 255
+        expected_g = (top + u * h) / (height - 1) * 255
+        assert np.abs(drafted[0, size // 2].numpy() - expected_r).max() < 4
+        assert np.abs(drafted[1, :, size // 2].numpy() - expected_g).max() < 4
+        assert (drafted.int() - reference.int()).abs().max() <= 4
+
+
+def test_to_rgb_modes():
+    grey16 = Image.fromarray(np.array([[0, 32768, 65535]], dtype=np.uint16))
+    assert grey16.mode.startswith("I;16")
+    assert np.asarray(to_rgb(grey16))[0, :, 0].tolist() == [0, 128, 255]
+    grey32 = Image.fromarray(np.array([[0, 65535]], dtype=np.int32), mode="I")
+    assert np.asarray(to_rgb(grey32))[0, :, 1].tolist() == [0, 255]
+    floats = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32), mode="F")
+    assert np.asarray(to_rgb(floats))[0, :, 2].tolist() == [0, 128, 255]
+    rgba = Image.fromarray(np.array([[[10, 20, 30, 0], [10, 20, 30, 255]]], dtype=np.uint8), mode="RGBA")
+    assert np.asarray(to_rgb(rgba))[0].tolist() == [[255, 255, 255], [10, 20, 30]]  # transparent -> background
+    cmyk = Image.new("CMYK", (2, 2), (0, 255, 255, 0))  # pure red in CMYK
+    assert np.asarray(to_rgb(cmyk))[0, 0].tolist() == [255, 0, 0]
+    assert to_rgb(Image.new("L", (3, 3), 7)).mode == "RGB"
+    palette = Image.new("P", (2, 2), 1)
+    palette.putpalette([0, 0, 0, 200, 100, 50] + [0] * 762)
+    assert np.asarray(to_rgb(palette))[0, 0].tolist() == [200, 100, 50]
+
+
+def test_normalize_on_device_matches_torchvision():
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    expected = torch.stack([TF.normalize(TF.convert_image_dtype(im, torch.float32), mean, std) for im in images])
+    assert torch.allclose(normalize_on_device(images, mean, std), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="uint8"):
+        normalize_on_device(images.float(), mean, std)
+
+
+def test_transform_is_a_function_of_the_generator():
+    image = Image.fromarray((np.random.default_rng(4).random((50, 70, 3)) * 255).astype(np.uint8))
+    transform = PretrainTransform(24)
+    a = transform(image, np.random.default_rng([1, 2, 3]))
+    b = transform(image, np.random.default_rng([1, 2, 3]))
+    c = transform(image, np.random.default_rng([1, 2, 4]))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert math.isclose(a.float().mean().item(), b.float().mean().item())
