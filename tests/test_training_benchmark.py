@@ -1,4 +1,4 @@
-"""The benchmark functions behind run_scripts/benchmark_pretrain.py (tiny settings: they must run and report)."""
+"""The benchmark functions behind run_scripts/benchmark.py (tiny settings: they must run and report)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,23 @@ import pytest
 from accelerate.state import AcceleratorState
 from PIL import Image
 
-from modeling_mfm.training.benchmark import benchmark_input_pipeline, benchmark_training_step
+from modeling_mfm import MFMConfig
+from modeling_mfm.training.benchmark import (
+    benchmark_input_pipeline,
+    benchmark_training_step,
+    training_flops_per_image,
+)
 
 
 def test_training_step_benchmark(tiny_config_factory):
     try:
-        result = benchmark_training_step(tiny_config_factory("beit"), batch_size=2, steps=2, warmup_steps=1, cpu=True)
+        result = benchmark_training_step(tiny_config_factory("beit"), batch_size=2, steps=2, warmup_steps=1, cpu=True,
+                                         peak_tflops=1.0)
     finally:
         AcceleratorState._reset_state(True)
     assert result["img_per_s"] > 0 and result["peak_memory_mib"] > 0 and result["batch_size"] == 2
+    assert result["img_per_s"] == pytest.approx(2 / result["step_seconds"])
+    assert result["mfu"] == pytest.approx(result["gflops_per_image"] * 1e9 * result["img_per_s"] / 1e12)
     assert result["parameters_millions"] > 0
     with pytest.raises(ValueError, match="batch_size"):
         benchmark_training_step(tiny_config_factory("beit"), batch_size=0)
@@ -42,8 +50,8 @@ def test_benchmark_script_writes_json(tmp_path):
     rng = np.random.default_rng(1)
     for i in range(4):
         Image.fromarray((rng.random((50, 50, 3)) * 255).astype(np.uint8)).save(tmp_path / f"{i}.jpg")
-    script = Path(__file__).resolve().parents[1] / "run_scripts" / "benchmark_pretrain.py"
-    spec = importlib.util.spec_from_file_location("benchmark_pretrain_script", script)
+    script = Path(__file__).resolve().parents[1] / "run_scripts" / "benchmark.py"
+    spec = importlib.util.spec_from_file_location("benchmark_script", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     try:
@@ -57,3 +65,21 @@ def test_benchmark_script_writes_json(tmp_path):
     results = json.loads((tmp_path / "r.json").read_text())
     assert [r["benchmark"] for r in results] == ["input_pipeline", "training_step"]
     assert results[1]["model"] == "mfm-vit-tiny" and results[1]["img_per_s"] > 0 and results[0]["images"] == 2
+
+
+def test_flops_per_image_match_the_transformer_formula():
+    """Matmul FLOPs of a ViT training step, counted by hand: every layer that needs input gradients costs 3x its
+    forward (forward, grad input, grad weight); the patch embedding (input needs no gradient) costs 2x."""
+    hidden, layers, patch, size, mlp = 32, 2, 8, 32, 64
+    config = MFMConfig.from_preset("mfm-vit-tiny", image_size=size, backbone_overrides=dict(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=mlp, patch_size=patch))
+    n = (size // patch) ** 2
+    tokens = n + 1
+    per_layer = (2 * tokens * hidden * 3 * hidden  # q, k, v
+                 + 2 * 2 * tokens * tokens * hidden  # scores and weighted sum
+                 + 2 * tokens * hidden * hidden  # output projection
+                 + 2 * 2 * tokens * hidden * mlp)  # MLP
+    patch_embed = 2 * n * 3 * patch * patch * hidden
+    decoder = 2 * n * hidden * patch * patch * 3
+    expected = 3 * (layers * per_layer + decoder) + 2 * patch_embed
+    assert training_flops_per_image(config, batch_size=2) == pytest.approx(expected, rel=1e-6)

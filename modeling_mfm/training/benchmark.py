@@ -1,24 +1,29 @@
 """Throughput and memory of pre-training, measured apart: the training step (model, loss, backward, AdamW) on
 synthetic input, and the input pipeline (decode, crop, flip, collate) on a folder of real images.
 
-Used by ``run_scripts/benchmark_pretrain.py``; the numbers show which of the two limits a machine.
+Used by ``run_scripts/benchmark.py``; the numbers show which of the two limits a machine. The step also reports
+its FLOPs per image (``torch.utils.flop_counter``) and, given the accelerator's peak, the model FLOPs utilisation.
 """
 
 from __future__ import annotations
 
+import copy
+import statistics
 import time
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
 
 from .data import EpochShuffleSampler, HFImageSource, PretrainingDataset, collate_pixel_batches, load_image_dataset
+from .model_factory import preferred_memory_format
 from .monitoring import describe_hardware, peak_memory_bytes, reset_peak_memory
 from .optim import build_optimizer
 from .transforms import PretrainTransform, normalize_on_device
 
-__all__ = ["benchmark_input_pipeline", "benchmark_training_step"]
+__all__ = ["benchmark_input_pipeline", "benchmark_training_step", "training_flops_per_image"]
 
 
 def _process_tree_memory() -> int:
@@ -36,6 +41,26 @@ def _process_tree_memory() -> int:
     return total
 
 
+def training_flops_per_image(config: Any, batch_size: int = 2, device: torch.device | str = "cpu") -> float:
+    """FLOPs of one training step (forward + backward of MFMForPreTraining) per image, counted by
+    ``torch.utils.flop_counter`` (matrix multiplications and convolutions; FFTs and element-wise work are not
+    counted, as is usual for MFU). Attention is counted as its two matmuls, whichever kernel runs it."""
+    from ..modeling_mfm import MFMForPreTraining
+
+    config = copy.deepcopy(config)
+    config._attn_implementation = "eager"  # fused CPU attention kernels have no FLOP formula: count the matmuls
+    model = MFMForPreTraining(config).to(device).train()
+    images = torch.randn(batch_size, config.num_channels, config.image_size, config.image_size, device=device)
+    with FlopCounterMode(display=False) as counter:
+        model(pixel_values=images).loss.backward()
+    return counter.get_total_flops() / batch_size
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def benchmark_training_step(
     config: Any,
     batch_size: int,
@@ -45,22 +70,29 @@ def benchmark_training_step(
     torch_compile: bool = False,
     gradient_checkpointing: bool = False,
     cpu: bool = False,
+    peak_tflops: float | None = None,
 ) -> dict[str, Any]:
     """Images per second and peak memory of the full training step (normalisation on the device, forward with
     frequency masking, frequency loss, backward, gradient clipping, AdamW) on random uint8 images, through
-    Accelerate as in training. ``warmup_steps`` untimed steps come first (allocator, compilation)."""
+    Accelerate as in training. ``warmup_steps`` untimed steps come first (allocator, compilation); img/s is the
+    median over the timed steps (each step is waited for). With ``peak_tflops`` (the accelerator's dense peak in
+    the benchmark's precision) the result has the MFU: FLOPs per image x img/s / peak."""
     from ..modeling_mfm import MFMForPreTraining
 
     if batch_size <= 0 or steps <= 0 or warmup_steps < 0:
         raise ValueError(f"batch_size and steps must be positive and warmup_steps >= 0, got {batch_size}, {steps}, "
                          f"{warmup_steps}")
+    if peak_tflops is not None and peak_tflops <= 0:
+        raise ValueError(f"peak_tflops must be positive, got {peak_tflops}")
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
     device = accelerator.device
+    flops_per_image = training_flops_per_image(config, batch_size=min(batch_size, 2), device=device)
     torch.manual_seed(0)
     model = MFMForPreTraining(config)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    model.to(device)
+    memory_format = preferred_memory_format(config, device)
+    model.to(device, memory_format=memory_format)
     optimizer = build_optimizer(model, lr=1e-4, fused=device.type == "cuda")
     if torch_compile:
         model = torch.compile(model)
@@ -80,15 +112,19 @@ def benchmark_training_step(
 
     for _ in range(warmup_steps):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    _synchronize(device)
     reset_peak_memory(device)
-    start = time.perf_counter()
+    step_times = []
     for _ in range(steps):
+        start = time.perf_counter()
         loss = step()
-    float(loss)  # waits for the device
-    elapsed = time.perf_counter() - start
-    return {
+        _synchronize(device)
+        step_times.append(time.perf_counter() - start)
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"the benchmarked step produced a non-finite loss ({float(loss)})")
+    median = statistics.median(step_times)
+    img_per_s = batch_size / median
+    result = {
         "benchmark": "training_step",
         "hardware": describe_hardware(device),
         "device": str(device),
@@ -98,12 +134,20 @@ def benchmark_training_step(
         "mixed_precision": accelerator.mixed_precision,
         "torch_compile": torch_compile,
         "gradient_checkpointing": gradient_checkpointing,
+        "channels_last": memory_format == torch.channels_last,
         "parameters_millions": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-        "step_seconds": elapsed / steps,
-        "img_per_s": batch_size * steps / elapsed,
+        "step_seconds": median,
+        "step_seconds_mean": sum(step_times) / steps,
+        "img_per_s": img_per_s,
+        "gflops_per_image": flops_per_image / 1e9,
+        "achieved_tflops": flops_per_image * img_per_s / 1e12,
         "peak_memory_mib": peak_memory_bytes(device) / 2**20,
         "threads": torch.get_num_threads(),
     }
+    if peak_tflops is not None:
+        result["peak_tflops"] = peak_tflops
+        result["mfu"] = result["achieved_tflops"] / peak_tflops
+    return result
 
 
 def benchmark_input_pipeline(

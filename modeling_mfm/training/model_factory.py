@@ -6,10 +6,12 @@ import logging
 import os
 from typing import Any
 
+import torch
+
 from ..configuration_mfm import VIT_FAMILY, MFMConfig
 from ..modeling_mfm import MFMForPreTraining
 
-__all__ = ["ARCHITECTURE_FIELDS", "build_config", "build_model", "override_config"]
+__all__ = ["ARCHITECTURE_FIELDS", "build_config", "build_model", "override_config", "preferred_memory_format"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,3 +72,11 @@ def build_model(config: MFMConfig, model_name_or_path: str | None = None) -> MFM
     if model_name_or_path:
         return MFMForPreTraining.from_pretrained(model_name_or_path, config=config)
     return MFMForPreTraining(config)
+
+
+def preferred_memory_format(config: MFMConfig, device: torch.device | str) -> torch.memory_format:
+    """channels_last for CNN backbones on CUDA (cuDNN's fast convolution layout; a convolution whose weight is
+    channels_last also runs its input and output in that layout), contiguous otherwise (ViTs, CPUs)."""
+    if torch.device(device).type == "cuda" and not config.is_vit:
+        return torch.channels_last
+    return torch.contiguous_format

@@ -61,7 +61,7 @@ from .data import (
 )
 from .hub import LocalHubMirror, push_folder_to_hub
 from .model_card import render_model_card
-from .model_factory import build_config, build_model
+from .model_factory import build_config, build_model, preferred_memory_format
 from .monitoring import describe_hardware, peak_memory_bytes
 from .optim import build_optimizer, scale_learning_rate
 from .randomness import derive_seed, global_micro_batch_index, seeded_device_rng
@@ -409,7 +409,7 @@ class _PretrainingRun:
         model = build_model(setup.config, args.model_name_or_path)
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        model.to(device)
+        model.to(device, memory_format=preferred_memory_format(setup.config, device))
         optimizer = build_optimizer(
             model, setup.peak_lr, weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2),
             eps=args.adam_epsilon, fused=device.type == "cuda",

@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""Throughput and peak memory of MFM pre-training: the training step and, separately, the input pipeline.
+"""Throughput, FLOPs, MFU and peak memory of MFM pre-training: the training step and, separately, the input pipeline.
 
-    python run_scripts/benchmark_pretrain.py --models mfm-vit-tiny mfm-vit-base --batch_size 8
-    python run_scripts/benchmark_pretrain.py --skip_step --data_dir path/to/jpegs --num_workers 0 1 2
-    python run_scripts/benchmark_pretrain.py ... --json results.json
+    python run_scripts/benchmark.py --models mfm-vit-tiny mfm-vit-base --batch_size 8
+    python run_scripts/benchmark.py --models mfm-vit-base mfm-resnet50 --batch_size 128 --mixed_precision bf16 \
+        --torch_compile --peak_tflops 989
+    python run_scripts/benchmark.py --skip_step --data_dir path/to/jpegs --num_workers 0 1 2
+    python run_scripts/benchmark.py ... --json results.json
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     step.add_argument("--torch_compile", action="store_true")
     step.add_argument("--gradient_checkpointing", action="store_true")
     step.add_argument("--cpu", action="store_true", help="Run the step on the CPU even if an accelerator exists.")
+    step.add_argument("--peak_tflops", type=float,
+                      help="Dense peak of the device in the benchmark's precision (e.g. 989 for H100/H200 bf16): "
+                           "MFU = FLOPs per image x img/s / peak.")
     step.add_argument("--skip_step", action="store_true", help="Only benchmark the input pipeline.")
     data = parser.add_argument_group("input pipeline (a folder of images)")
     data.add_argument("--data_dir", help="Folder of images; the pipeline benchmark runs when given.")
@@ -62,16 +67,18 @@ def main(argv: list[str] | None = None) -> int:
                 config = MFMConfig.from_preset(name, image_size=args.image_size)
                 result = benchmark_training_step(
                     config, args.batch_size, args.steps, args.warmup_steps, args.mixed_precision,
-                    args.torch_compile, args.gradient_checkpointing, args.cpu,
+                    args.torch_compile, args.gradient_checkpointing, args.cpu, args.peak_tflops,
                 )
                 result["model"] = name
                 results.append(result)
                 print(f"step  {name:<16} {result['image_size']}px batch {result['batch_size']:<4} "
                       f"{result['img_per_s']:8.1f} img/s  {result['step_seconds'] * 1000:8.0f} ms/step  "
-                      f"peak {result['peak_memory_mib']:8.0f} MiB  ({result['hardware']}, "
+                      f"{result['gflops_per_image']:7.1f} GFLOP/img  {result['achieved_tflops']:7.2f} TFLOP/s  "
+                      + (f"MFU {result['mfu']:.1%}  " if "mfu" in result else "")
+                      + f"peak {result['peak_memory_mib']:8.0f} MiB  ({result['hardware']}, "
                       f"{result['mixed_precision']}, {result['threads']} threads)", flush=True)
     except ValueError as error:
-        print(f"benchmark_pretrain.py: error: {error}", file=sys.stderr)
+        print(f"benchmark.py: error: {error}", file=sys.stderr)
         return 2
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
