@@ -276,3 +276,15 @@ def test_torch_compile_saves_plain_weight_names(workspace, in_process, capsys):
     _, info = MFMForPreTraining.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert all(np.isfinite(r["loss"]) for r in read_metrics(out / "logs" / "metrics.jsonl"))
+
+
+@pytest.mark.parametrize("pretext", ["sr", "deblur", "denoise"])
+def test_restoration_pretext_from_the_command_line(workspace, in_process, capsys, pretext):
+    out = workspace["root"] / f"pretext-{pretext}"
+    code = in_process(common_args(workspace, out, 2, 4, "--corruption", pretext, "--loss_on", "all",
+                                  "--visualization_steps", "0"))
+    assert code == 0, capsys.readouterr().err[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["corruption"] == pretext and config["loss_on"] == "all"
+    records = read_metrics(out / "logs" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss"]) for r in records)
