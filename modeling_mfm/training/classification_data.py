@@ -35,7 +35,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
@@ -51,6 +51,7 @@ from .transforms import to_rgb
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "ClassificationDataArguments",
     "DEFAULT_AUTO_AUGMENT",
     "ClassificationData",
     "ClassificationDataset",
@@ -61,6 +62,30 @@ __all__ = [
     "load_classification_dataset",
     "parse_rand_augment",
 ]
+
+
+@dataclass(kw_only=True)
+class ClassificationDataArguments:
+    """Where a labelled image dataset comes from and how it is read; shared by the fine-tuning and linear-probe
+    command lines (``HfArgumentParser`` turns the fields into flags)."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
+    train_dir: str | None = field(default=None, metadata={"help": "Image folder <train_dir>/<class>/*."})
+    validation_dir: str | None = field(default=None, metadata={"help": "Image folder <validation_dir>/<class>/*."})
+    train_split_name: str = field(default="train", metadata={"help": "Training split of a Hub dataset."})
+    validation_split_name: str | None = field(
+        default=None, metadata={"help": "Validation split (default: validation / val / valid / test if present)."}
+    )
+    validation_split_percentage: float = field(
+        default=10.0, metadata={"help": "Percentage of train held out when there is no validation split."}
+    )
+    image_column_name: str | None = field(default=None, metadata={"help": "Image column (default: detected)."})
+    label_column_name: str | None = field(default=None, metadata={"help": "Label column (default: detected)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use the first N validation rows."})
+    cache_dir: str | None = field(default=None, metadata={"help": "datasets / transformers cache folder."})
+    num_workers: int = field(default=4, metadata={"help": "DataLoader worker processes."})
 
 DEFAULT_AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"
 LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "class", "target", "category")

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from .checkpointing import read_trainer_state, remove_stale_temporaries, resolve_checkpoint, save_checkpoint
 from .classification_data import (
+    ClassificationDataArguments,
     ClassificationDataset,
     build_eval_transform,
     build_train_transform,
@@ -75,8 +76,8 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-@dataclass
-class FinetuneArguments:
+@dataclass(kw_only=True)
+class FinetuneArguments(ClassificationDataArguments):
     """Everything `finetune` needs; ``None`` fields take the value of ``recipe`` (see `RECIPES`). The command line of
     ``run_scripts/run_finetune.py`` is generated from these fields (``HfArgumentParser``)."""
 
@@ -100,25 +101,7 @@ class FinetuneArguments:
     )
     drop_path_rate: float | None = field(default=None, metadata={"help": "Stochastic depth (vit recipe: 0.1)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
-    # data
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id."})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
-    train_dir: str | None = field(default=None, metadata={"help": "Image folder <train_dir>/<class>/*."})
-    validation_dir: str | None = field(default=None, metadata={"help": "Image folder <validation_dir>/<class>/*."})
-    train_split_name: str = field(default="train", metadata={"help": "Training split of a Hub dataset."})
-    validation_split_name: str | None = field(
-        default=None, metadata={"help": "Validation split (default: validation / val / valid / test if present)."}
-    )
-    validation_split_percentage: float = field(
-        default=10.0, metadata={"help": "Percentage of train held out when there is no validation split."}
-    )
-    image_column_name: str | None = field(default=None, metadata={"help": "Image column (default: detected)."})
-    label_column_name: str | None = field(default=None, metadata={"help": "Label column (default: detected)."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training rows."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use the first N validation rows."})
-    cache_dir: str | None = field(default=None, metadata={"help": "datasets / transformers cache folder."})
-    num_workers: int = field(default=4, metadata={"help": "DataLoader worker processes."})
-    # optimisation
+    # optimisation (data fields: ClassificationDataArguments)
     num_train_epochs: int | None = field(default=None, metadata={"help": "Epochs (vit recipe: 100)."})
     max_train_steps: int | None = field(
         default=None, metadata={"help": "Total optimizer steps; overrides num_train_epochs when set."}

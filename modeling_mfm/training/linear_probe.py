@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 
 from ..modeling_mfm import MFMModel
 from .classification_data import (
+    ClassificationDataArguments,
     ClassificationDataset,
     build_eval_transform,
     collate_classification,
@@ -59,26 +60,11 @@ __all__ = [
 ]
 
 
-@dataclass
-class LinearProbeArguments:
+@dataclass(kw_only=True)
+class LinearProbeArguments(ClassificationDataArguments):
     """Options of ``run_scripts/run_linear_probe.py`` (the command line is generated from these fields)."""
 
     model_name_or_path: str = field(metadata={"help": "Pre-trained MFM checkpoint or native encoder."})
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id."})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
-    train_dir: str | None = field(default=None, metadata={"help": "Image folder <train_dir>/<class>/*."})
-    validation_dir: str | None = field(default=None, metadata={"help": "Image folder <validation_dir>/<class>/*."})
-    train_split_name: str = field(default="train", metadata={"help": "Training split of a Hub dataset."})
-    validation_split_name: str | None = field(default=None, metadata={"help": "Validation split (default: detected)."})
-    validation_split_percentage: float = field(
-        default=10.0, metadata={"help": "Percentage of train held out when there is no validation split."}
-    )
-    image_column_name: str | None = field(default=None, metadata={"help": "Image column (default: detected)."})
-    label_column_name: str | None = field(default=None, metadata={"help": "Label column (default: detected)."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training rows."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use the first N validation rows."})
-    cache_dir: str | None = field(default=None, metadata={"help": "datasets / transformers cache folder."})
-    num_workers: int = field(default=4, metadata={"help": "DataLoader worker processes."})
     per_device_batch_size: int = field(default=128, metadata={"help": "Feature extraction batch per process."})
     crop_pct: float = field(default=0.875, metadata={"help": "Centre-crop fraction of the eval transform."})
     pooling: str = field(default="mean", metadata={"help": "ViT features: 'mean' of patch tokens or 'cls'."})
