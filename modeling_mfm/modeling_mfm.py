@@ -21,9 +21,10 @@ from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.models.beit.modeling_beit import BeitLayer
 from transformers.utils import ModelOutput
 
-from .configuration_mfm import MFMConfig, PRESETS
+from .configuration_mfm import PRESETS, MFMConfig
 from .corruptions import degrade
 from .frequency import FrequencyLoss, filter_frequencies, low_pass_mask, masked_frequency_loss, sample_frequency_masks
+from .image_attention import image_attention_implementation
 
 __all__ = [
     "MFMForImageClassification",
@@ -169,6 +170,9 @@ class MFMModel(MFMPreTrainedModel):
     def __init__(self, config: MFMConfig, add_pooling_layer: bool = True) -> None:
         super().__init__(config)
         backbone_kwargs = {"add_pooling_layer": False} if config.is_vit else {}
+        if config.is_vit:  # SDPA without a materialised mask (see image_attention: keeps flash under compile)
+            backbone_config = config.backbone_config
+            backbone_config._attn_implementation = image_attention_implementation(backbone_config._attn_implementation)
         self.backbone = AutoModel.from_config(config.backbone_config, **backbone_kwargs)
         self.fc_norm = None
         if add_pooling_layer and config.is_vit:
@@ -286,7 +290,9 @@ class MFMTransformerDecoder(nn.Module):
             patch_size=config.encoder_stride,
             image_size=config.image_size,
         )
-        self.layer_config._attn_implementation = getattr(backbone, "_attn_implementation", None) or "sdpa"
+        self.layer_config._attn_implementation = image_attention_implementation(
+            getattr(backbone, "_attn_implementation", None)
+        )
         self.stride = config.encoder_stride
         self.embed = nn.Linear(config.encoder_hidden_size, config.decoder_hidden_size)
         self.position_embeddings = nn.Parameter(torch.zeros(1, num_patches + 1, config.decoder_hidden_size))

@@ -3,19 +3,23 @@
 
     python run_scripts/benchmark.py --models mfm-vit-tiny mfm-vit-base --batch_size 8
     python run_scripts/benchmark.py --models mfm-vit-base mfm-resnet50 --batch_size 128 --mixed_precision bf16 \
-        --torch_compile --peak_tflops 989
+        --torch_compile --peak_tflops 989 --check_fast_path
     python run_scripts/benchmark.py --skip_step --data_dir path/to/jpegs --num_workers 0 1 2
+    python run_scripts/benchmark.py --skip_step --data_dir path/to/jpegs --decode_on_device both
     python run_scripts/benchmark.py ... --json results.json
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
 import sys
 
 from modeling_mfm.configuration_mfm import MFMConfig
 from modeling_mfm.training.benchmark import benchmark_input_pipeline, benchmark_training_step
+from modeling_mfm.training.fast_path_check import fast_path_agreement
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,11 +32,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     step.add_argument("--warmup_steps", type=int, default=2, help="Untimed steps first.")
     step.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     step.add_argument("--torch_compile", action="store_true")
+    step.add_argument("--compile_scope", choices=["model", "backbone"], default="model",
+                      help="With --torch_compile: compile the whole model or only its encoder.")
     step.add_argument("--gradient_checkpointing", action="store_true")
-    step.add_argument("--cpu", action="store_true", help="Run the step on the CPU even if an accelerator exists.")
+    step.add_argument("--profile_dir",
+                      help="Write a torch.profiler table of three more steps per model to this folder.")
+    step.add_argument("--cpu", action="store_true",
+                      help="Run the step (and device decoding) on the CPU even if an accelerator exists.")
     step.add_argument("--peak_tflops", type=float,
                       help="Dense peak of the device in the benchmark's precision (e.g. 989 for H100/H200 bf16): "
                            "MFU = FLOPs per image x img/s / peak.")
+    step.add_argument("--check_fast_path", action="store_true",
+                      help="First compare the loss and gradients of one batch by the fast step (this precision, "
+                           "SDPA, channels_last, compile) with the plain float32 eager step, same masks.")
     step.add_argument("--skip_step", action="store_true", help="Only benchmark the input pipeline.")
     data = parser.add_argument_group("input pipeline (a folder of images)")
     data.add_argument("--data_dir", help="Folder of images; the pipeline benchmark runs when given.")
@@ -41,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--data_batches", type=int, default=10, help="Timed batches per setting.")
     data.add_argument("--compare_jpeg_draft", action="store_true",
                       help="Also measure with JPEG draft decoding off.")
+    data.add_argument("--decode_on_device", choices=["off", "on", "both"], default="off",
+                      help="Decode, crop and resize the JPEGs on the accelerator (workers only read files); "
+                           "'both' measures the two pipelines.")
     data.add_argument("--cache_dir", help="Where datasets caches the folder's file list.")
     parser.add_argument("--json", help="Write all results to this JSON file.")
     return parser.parse_args(argv)
@@ -52,22 +67,43 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # the input pipeline first, while this process holds no model (its memory figure stays clean)
         if args.data_dir:
-            for draft in ([True, False] if args.compare_jpeg_draft else [True]):
-                for workers in args.num_workers:
-                    result = benchmark_input_pipeline(
-                        args.data_dir, args.image_size, args.data_batch_size, workers, args.data_batches, draft,
-                        cache_dir=args.cache_dir,
-                    )
-                    results.append(result)
-                    print(f"data  {workers} workers  draft {'on ' if draft else 'off'}  "
-                          f"{result['img_per_s']:8.1f} img/s  {result['img_per_s_per_worker']:8.1f} img/s/worker  "
-                          f"peak {result['peak_memory_mib']:8.0f} MiB  ({result['images']} images)", flush=True)
+            on_device = {"off": [False], "on": [True], "both": [False, True]}[args.decode_on_device]
+            drafts = [True, False] if args.compare_jpeg_draft else [True]
+            for decode_on_device, draft, workers in itertools.product(on_device, drafts, args.num_workers):
+                if decode_on_device and not draft and len(drafts) > 1:
+                    continue  # device decoding has no draft mode
+                result = benchmark_input_pipeline(
+                    args.data_dir, args.image_size, args.data_batch_size, workers, args.data_batches, draft,
+                    cache_dir=args.cache_dir, decode_on_device=decode_on_device,
+                    device="cpu" if args.cpu else None,
+                )
+                results.append(result)
+                where = f"decode on {result['device']}" if decode_on_device else f"draft {'on ' if draft else 'off'}"
+                print(f"data  {workers} workers  {where}  "
+                      f"{result['img_per_s']:8.1f} img/s  {result['img_per_s_per_worker']:8.1f} img/s/worker  "
+                      f"peak {result['peak_memory_mib']:8.0f} MiB  ({result['images']} images)", flush=True)
         if not args.skip_step:
             for name in args.models:
                 config = MFMConfig.from_preset(name, image_size=args.image_size)
+                if args.check_fast_path:
+                    check = fast_path_agreement(config, min(args.batch_size, 32), args.mixed_precision,
+                                                args.torch_compile, device="cpu" if args.cpu else None)
+                    results.append({"benchmark": "fast_path_check", "model": name, **check})
+                    print(f"check {name:<16} loss plain {check['loss_plain']:.6f} fast {check['loss_fast']:.6f} "
+                          f"(rel. diff. {check['loss_relative_difference']:.1e}); gradient norm rel. diff. "
+                          f"{check['grad_norm_relative_difference']:.1e}, cosine {check['grad_cosine_similarity']:.5f} "
+                          f"(input rounding alone: {check['grad_cosine_similarity_input_rounded']:.5f})"
+                          f"  ({check['device']}, {check['mixed_precision']}, compile {check['torch_compile']})",
+                          flush=True)
+                profile_path = None
+                if args.profile_dir:
+                    os.makedirs(args.profile_dir, exist_ok=True)
+                    variant = f"compiled-{args.compile_scope}" if args.torch_compile else "eager"
+                    profile_path = os.path.join(args.profile_dir, f"{name}-{args.mixed_precision}-{variant}.txt")
                 result = benchmark_training_step(
                     config, args.batch_size, args.steps, args.warmup_steps, args.mixed_precision,
                     args.torch_compile, args.gradient_checkpointing, args.cpu, args.peak_tflops,
+                    compile_scope=args.compile_scope, profile_path=profile_path,
                 )
                 result["model"] = name
                 results.append(result)

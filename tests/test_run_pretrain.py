@@ -288,3 +288,20 @@ def test_restoration_pretext_from_the_command_line(workspace, in_process, capsys
     assert config["corruption"] == pretext and config["loss_on"] == "all"
     records = read_metrics(out / "logs" / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss"]) for r in records)
+
+
+def test_decode_on_device_follows_the_pil_paths_trajectory(workspace, in_process, capsys):
+    """The same crops, masks and steps with JPEGs decoded by the 'device' (the CPU here): the losses follow the PIL
+    path's (--no_jpeg_draft, full-size decoding) up to the two decoders' rounding; other images, the corrupt file
+    and the pictures take their usual paths."""
+    losses = {}
+    for name, flag in (("pil", "--no_jpeg_draft"), ("device", "--decode_on_device")):
+        out = workspace["root"] / f"decode-{name}"
+        code = in_process(common_args(workspace, out, 4, 4, flag, "--visualization_steps", "2"))
+        assert code == 0, capsys.readouterr().err[-3000:]
+        records = read_metrics(out / "logs" / "metrics.jsonl")
+        assert records[-1]["skipped_images"] == 1  # the corrupt JPEG, met once in the epoch
+        assert (out / "reconstruction.png").exists()
+        losses[name] = [r["loss"] for r in records]
+    assert losses["device"] == pytest.approx(losses["pil"], rel=5e-3)  # other crops: 0.48 vs 0.80
+    assert losses["device"] != losses["pil"]  # really decoded by another decoder

@@ -13,6 +13,7 @@ from modeling_mfm.training.benchmark import (
     benchmark_training_step,
     training_flops_per_image,
 )
+from modeling_mfm.training.fast_path_check import fast_path_agreement
 
 
 def test_training_step_benchmark(tiny_config_factory):
@@ -29,7 +30,8 @@ def test_training_step_benchmark(tiny_config_factory):
         benchmark_training_step(tiny_config_factory("beit"), batch_size=0)
 
 
-def test_input_pipeline_benchmark_counts_images(tmp_path):
+@pytest.mark.parametrize("decode_on_device", [False, True])
+def test_input_pipeline_benchmark_counts_images(tmp_path, decode_on_device):
     rng = np.random.default_rng(0)
     for i in range(5):
         Image.fromarray((rng.random((60, 80, 3)) * 255).astype(np.uint8)).save(tmp_path / f"{i}.jpg")
@@ -37,7 +39,9 @@ def test_input_pipeline_benchmark_counts_images(tmp_path):
     # 6 files in batches of 2: the untimed first batch, then 5 timed ones end exactly with the second epoch, which
     # is timed in full and so meets the unreadable file once (the first epoch's timed part may meet it too)
     result = benchmark_input_pipeline(str(tmp_path), image_size=16, batch_size=2, num_workers=0, batches=5,
-                                      cache_dir=str(tmp_path / "cache"))
+                                      cache_dir=str(tmp_path / "cache"), decode_on_device=decode_on_device,
+                                      device="cpu")
+    assert result["decode_on_device"] is decode_on_device and result["device"] == "cpu"
     assert result["images"] == 10 and result["img_per_s"] > 0 and result["folder_images"] == 6
     assert 1 <= result["skipped_images"] <= 2
 
@@ -48,23 +52,28 @@ def test_benchmark_script_writes_json(tmp_path):
     from pathlib import Path
 
     rng = np.random.default_rng(1)
+    images = tmp_path / "images"
+    images.mkdir()
     for i in range(4):
-        Image.fromarray((rng.random((50, 50, 3)) * 255).astype(np.uint8)).save(tmp_path / f"{i}.jpg")
+        Image.fromarray((rng.random((50, 50, 3)) * 255).astype(np.uint8)).save(images / f"{i}.jpg")
     script = Path(__file__).resolve().parents[1] / "run_scripts" / "benchmark.py"
     spec = importlib.util.spec_from_file_location("benchmark_script", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     try:
         code = module.main(["--models", "mfm-vit-tiny", "--image_size", "32", "--batch_size", "2", "--steps", "1",
-                            "--warmup_steps", "0", "--cpu", "--data_dir", str(tmp_path), "--num_workers", "0",
+                            "--warmup_steps", "0", "--cpu", "--data_dir", str(images), "--num_workers", "0",
                             "--data_batch_size", "2", "--data_batches", "1", "--cache_dir", str(tmp_path / "cache"),
+                            "--decode_on_device", "both",
                             "--json", str(tmp_path / "r.json")])
     finally:
         AcceleratorState._reset_state(True)
     assert code == 0
     results = json.loads((tmp_path / "r.json").read_text())
-    assert [r["benchmark"] for r in results] == ["input_pipeline", "training_step"]
-    assert results[1]["model"] == "mfm-vit-tiny" and results[1]["img_per_s"] > 0 and results[0]["images"] == 2
+    assert [r["benchmark"] for r in results] == ["input_pipeline", "input_pipeline", "training_step"]
+    assert [r["decode_on_device"] for r in results[:2]] == [False, True]
+    assert results[2]["model"] == "mfm-vit-tiny" and results[2]["img_per_s"] > 0
+    assert results[0]["images"] == results[1]["images"] == 2
 
 
 def test_flops_per_image_match_the_transformer_formula():
@@ -83,3 +92,17 @@ def test_flops_per_image_match_the_transformer_formula():
     decoder = 2 * n * hidden * patch * patch * 3
     expected = 3 * (layers * per_layer + decoder) + 2 * patch_embed
     assert training_flops_per_image(config, batch_size=2) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("backbone", ["beit", "convnext"])
+def test_fast_path_agrees_with_the_plain_step(tiny_config_factory, backbone):
+    """bf16 autocast + SDPA + a compiled graph against float32 eager attention, the same masks: bf16 tolerance."""
+    result = fast_path_agreement(tiny_config_factory(backbone), batch_size=4, mixed_precision="bf16",
+                                 torch_compile=True, compile_backend="aot_eager", device="cpu")
+    assert result["loss_plain"] > 0 and result["loss_fast"] != result["loss_plain"]  # bf16 really ran
+    assert result["loss_relative_difference"] < 1e-2
+    assert result["grad_norm_relative_difference"] < 2e-2 and result["grad_cosine_similarity"] > 0.999
+    exact = fast_path_agreement(tiny_config_factory(backbone), batch_size=4, mixed_precision="no", device="cpu")
+    assert exact["loss_relative_difference"] < 1e-6 and exact["grad_cosine_similarity"] > 0.99999
+    with pytest.raises(ValueError, match="corruption 'mfm'"):
+        fast_path_agreement(tiny_config_factory(backbone, corruption="sr", loss_on="all"), device="cpu")

@@ -110,6 +110,12 @@ class PretrainingArguments:
         metadata={"help": "Decode JPEGs at reduced size (1/2, 1/4, 1/8) when the crop is downscaled anyway; crop "
                           "geometry is unchanged. --no_jpeg_draft decodes at full size."},
     )
+    decode_on_device: bool = field(
+        default=False,
+        metadata={"help": "Decode RGB JPEGs on the accelerator (torchvision.io.decode_jpeg: nvJPEG on CUDA), with "
+                          "crop, resize and flip there too; workers only read files and draw the crops. Other "
+                          "images take the CPU path. For hosts whose CPUs cannot keep up with the GPU."},
+    )
     dataloader_num_workers: int | None = field(
         default=None, metadata={"help": "Workers per process (default: the CPU cores per process minus one, max 8)."}
     )

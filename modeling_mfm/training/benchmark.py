@@ -8,6 +8,7 @@ its FLOPs per image (``torch.utils.flop_counter``) and, given the accelerator's 
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 import time
 from typing import Any
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from .data import EpochShuffleSampler, HFImageSource, PretrainingDataset, collate_pixel_batches, load_image_dataset
+from .device_decoding import DeviceDecodeTransform, collate_encoded_batches, decode_batch
 from .model_factory import preferred_memory_format
 from .monitoring import describe_hardware, peak_memory_bytes, reset_peak_memory
 from .optim import build_optimizer
@@ -61,6 +63,22 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _profile(step: Any, device: torch.device, path: str, steps: int = 3) -> None:
+    """Runs ``steps`` steps under ``torch.profiler`` and writes the operators sorted by their own device time (CPU
+    time without an accelerator), so that the table shows where a step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(steps):
+            step()
+        _synchronize(device)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = profiler.key_averages().table(sort_by=sort_by, row_limit=60, max_name_column_width=100)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"{steps} steps\n{table}\n")
+
+
 def benchmark_training_step(
     config: Any,
     batch_size: int,
@@ -71,17 +89,23 @@ def benchmark_training_step(
     gradient_checkpointing: bool = False,
     cpu: bool = False,
     peak_tflops: float | None = None,
+    compile_scope: str = "model",
+    profile_path: str | None = None,
 ) -> dict[str, Any]:
     """Images per second and peak memory of the full training step (normalisation on the device, forward with
     frequency masking, frequency loss, backward, gradient clipping, AdamW) on random uint8 images, through
     Accelerate as in training. ``warmup_steps`` untimed steps come first (allocator, compilation); img/s is the
     median over the timed steps (each step is waited for). With ``peak_tflops`` (the accelerator's dense peak in
-    the benchmark's precision) the result has the MFU: FLOPs per image x img/s / peak."""
+    the benchmark's precision) the result has the MFU: FLOPs per image x img/s / peak. ``compile_scope`` "model"
+    compiles the whole MFMForPreTraining, "backbone" only its encoder. With ``profile_path``, three more steps run
+    under ``torch.profiler`` and the table of the operators' device (or CPU) time is written there."""
     from ..modeling_mfm import MFMForPreTraining
 
     if batch_size <= 0 or steps <= 0 or warmup_steps < 0:
         raise ValueError(f"batch_size and steps must be positive and warmup_steps >= 0, got {batch_size}, {steps}, "
                          f"{warmup_steps}")
+    if compile_scope not in ("model", "backbone"):
+        raise ValueError(f"compile_scope must be 'model' or 'backbone', got {compile_scope!r}")
     if peak_tflops is not None and peak_tflops <= 0:
         raise ValueError(f"peak_tflops must be positive, got {peak_tflops}")
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
@@ -94,7 +118,9 @@ def benchmark_training_step(
     memory_format = preferred_memory_format(config, device)
     model.to(device, memory_format=memory_format)
     optimizer = build_optimizer(model, lr=1e-4, fused=device.type == "cuda")
-    if torch_compile:
+    if torch_compile and compile_scope == "backbone":
+        model.mfm.backbone.compile()
+    elif torch_compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
@@ -122,6 +148,8 @@ def benchmark_training_step(
         step_times.append(time.perf_counter() - start)
     if not torch.isfinite(loss):
         raise RuntimeError(f"the benchmarked step produced a non-finite loss ({float(loss)})")
+    if profile_path:
+        _profile(step, device, profile_path)
     median = statistics.median(step_times)
     img_per_s = batch_size / median
     result = {
@@ -133,9 +161,11 @@ def benchmark_training_step(
         "steps": steps,
         "mixed_precision": accelerator.mixed_precision,
         "torch_compile": torch_compile,
+        "compile_scope": compile_scope if torch_compile else None,
         "gradient_checkpointing": gradient_checkpointing,
         "channels_last": memory_format == torch.channels_last,
         "parameters_millions": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+        "final_loss": float(loss),
         "step_seconds": median,
         "step_seconds_mean": sum(step_times) / steps,
         "img_per_s": img_per_s,
@@ -159,45 +189,66 @@ def benchmark_input_pipeline(
     jpeg_draft: bool = True,
     seed: int = 0,
     cache_dir: str | None = None,
+    decode_on_device: bool = False,
+    device: torch.device | str | None = None,
 ) -> dict[str, Any]:
     """Images per second of the input pipeline alone: a DataLoader over the image folder with the pre-training
-    transform (decode, RandomResizedCrop, flip) and the uint8 collation, as in training. The first batch (worker
-    start-up) is not timed; the folder is cycled through as many epochs as ``batches`` needs."""
+    transform (decode, RandomResizedCrop, flip) and the uint8 collation, as in training. With
+    ``decode_on_device`` the workers only read the files and draw the crops, and each batch is decoded, cropped
+    and resized on ``device`` (default: the accelerator, else the CPU) inside the timed loop. The first batch
+    (worker start-up) is not timed; a small folder is repeated within one pass so that the workers never drain."""
     if num_workers < 0 or batches <= 0 or batch_size <= 0:
         raise ValueError(f"num_workers must be >= 0, batches and batch_size > 0; got {num_workers}, {batches}, "
                          f"{batch_size}")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
     dataset, column = load_image_dataset(train_dir=folder, cache_dir=cache_dir)
     transform = PretrainTransform(image_size, jpeg_draft=jpeg_draft)
-    data = PretrainingDataset(HFImageSource(dataset, column), transform, seed=seed)
+    if decode_on_device:
+        transform = DeviceDecodeTransform(transform)
+    # one pass covers every timed batch: a new pass drains and refills the workers' queues, which on a small folder
+    # would cap the rate at (images per pass) / (one worker's time per batch) whatever the number of workers
+    repeats = math.ceil((batches + 1) * batch_size / len(dataset))
+    data = PretrainingDataset(HFImageSource(dataset, column), transform, seed=seed, repeats=repeats)
     sampler = EpochShuffleSampler(len(data), seed=seed)
     loader = DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=False,
-                        collate_fn=collate_pixel_batches, persistent_workers=num_workers > 0,
-                        prefetch_factor=4 if num_workers > 0 else None)
+                        collate_fn=collate_encoded_batches if decode_on_device else collate_pixel_batches,
+                        persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
+                        pin_memory=device.type == "cuda")
     images, skipped, timed_batches, epoch = 0, 0, -1, 0
     start = time.perf_counter()
     peak_rss = 0
     while timed_batches < batches:
         sampler.set_epoch(epoch)
         for batch in loader:
+            if decode_on_device:
+                pixels, undecodable = decode_batch(batch, image_size, device)
+            else:
+                pixels, undecodable = batch["pixel_values"].to(device, non_blocking=True), 0
+            _synchronize(device)
             if timed_batches == -1:
+                peak_rss = _process_tree_memory()  # reading the workers' memory is slow: not while timing
                 start = time.perf_counter()  # after the first batch: workers are up
             else:
-                images += batch["pixel_values"].shape[0]
-                skipped += int(batch["skipped"])
+                images += pixels.shape[0]
+                skipped += int(batch["skipped"]) + undecodable
             timed_batches += 1
-            peak_rss = max(peak_rss, _process_tree_memory())
             if timed_batches >= batches:
                 break
         epoch += 1
     elapsed = time.perf_counter() - start
+    peak_rss = max(peak_rss, _process_tree_memory())
     rate = images / elapsed
     return {
         "benchmark": "input_pipeline",
-        "folder_images": len(data),
+        "folder_images": len(dataset),
         "image_size": image_size,
         "batch_size": batch_size,
         "num_workers": num_workers,
         "jpeg_draft": jpeg_draft,
+        "decode_on_device": decode_on_device,
+        "device": str(device),
         "images": images,
         "skipped_images": skipped,
         "img_per_s": rate,

@@ -68,6 +68,7 @@ from .randomness import derive_seed, global_micro_batch_index, seeded_device_rng
 from .schedules import build_warmup_cosine_scheduler
 from .step_statistics import NonFiniteLossError, StepStatistics
 from .trackers import JSONLinesTracker
+from .device_decoding import DeviceDecodeTransform, collate_encoded_batches, decode_batch
 from .transforms import DEFAULT_CROP_RATIO, PretrainTransform, normalize_on_device
 from .visualization import predict_fixed_batch, reconstruction_grid, save_png
 
@@ -165,6 +166,8 @@ def _build_dataset(args: PretrainingArguments, config: Any, accelerator: Acceler
     transform = PretrainTransform(
         config.image_size, scale=(args.crop_min_scale, 1.0), ratio=DEFAULT_CROP_RATIO, jpeg_draft=args.jpeg_draft
     )
+    if args.decode_on_device:
+        transform = DeviceDecodeTransform(transform)
     if demo:
         source = sample_photo_source(short_side=4 * config.image_size)
         # enough passes over the few photos that an "epoch" spans many steps
@@ -266,7 +269,7 @@ def _make_dataloader(setup: _Setup, pin_memory: bool) -> DataLoader:
         "batch_size": args.per_device_train_batch_size,
         "num_workers": workers,
         "pin_memory": pin_memory,
-        "collate_fn": collate_pixel_batches,
+        "collate_fn": collate_encoded_batches if args.decode_on_device else collate_pixel_batches,
         "drop_last": True,
     }
     if workers > 0:
@@ -288,6 +291,9 @@ def _fixed_batch(setup: _Setup, count: int) -> torch.Tensor:
                 break
     else:
         images = [setup.dataset[(0, i)]["pixel_values"] for i in range(min(count, len(setup.dataset)))]
+    if setup.args.decode_on_device:  # the pictures' few images are decoded on the CPU, once
+        batch = collate_encoded_batches([{"pixel_values": image, "skipped": 0} for image in images])
+        return decode_batch(batch, setup.config.image_size, "cpu")[0]
     return torch.stack(images)
 
 
@@ -534,7 +540,12 @@ class _PretrainingRun:
                     ))
                     micro_batches += 1
                     with accelerator.accumulate(model):
-                        pixel_values = normalize_on_device(batch["pixel_values"], mean, std)
+                        if args.decode_on_device:
+                            images, undecodable = decode_batch(batch, config.image_size, device)
+                            batch["skipped"] = batch["skipped"] + undecodable
+                        else:
+                            images = batch["pixel_values"]
+                        pixel_values = normalize_on_device(images, mean, std)
                         with seeded_device_rng(device, batch_seed):
                             loss = model(pixel_values=pixel_values, return_dict=True).loss
                         accelerator.backward(loss)
