@@ -115,9 +115,10 @@ def filter_frequencies(images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor
         raise ValueError(f"images must be (B, C, H, W), got {tuple(images.shape)}")
     keep = _keep_as_4d(keep, images)
     with _autocast_off(images):
-        spectrum = torch.fft.fftshift(torch.fft.fft2(images.float()), dim=(-2, -1))
-        spectrum = spectrum * keep.float()
-        filtered = torch.fft.ifft2(torch.fft.ifftshift(spectrum, dim=(-2, -1))).real
+        # shifting the (B, 1, H, W) real mask to the FFT's layout moves 6-12x fewer bytes than shifting the complex
+        # (B, C, H, W) spectrum there and back; the products are the same numbers
+        keep = torch.fft.ifftshift(keep.float(), dim=(-2, -1))
+        filtered = torch.fft.ifft2(torch.fft.fft2(images.float()) * keep).real
         return filtered.clamp(0.0, 1.0).to(images.dtype)
 
 
@@ -167,6 +168,10 @@ class FrequencyLoss(nn.Module):
 
     def to_spectrum(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> centred orthonormal spectra of the patches, complex (B, P, C, H/pf, W/pf)."""
+        return torch.fft.fftshift(self._patch_spectrum(images), dim=(-2, -1))
+
+    def _patch_spectrum(self, images: torch.Tensor) -> torch.Tensor:
+        """`to_spectrum` in the FFT's own layout (zero frequency at index 0)."""
         batch, channels, height, width = images.shape
         pf = self.patch_factor
         if height % pf or width % pf:
@@ -175,19 +180,20 @@ class FrequencyLoss(nn.Module):
         # (B, C, pf, ph, pf, pw) -> (B, pf, pf, C, ph, pw): patches in row-major order, as the official loop
         patches = images.float().reshape(batch, channels, pf, ph, pf, pw).permute(0, 2, 4, 1, 3, 5)
         patches = patches.reshape(batch, pf * pf, channels, ph, pw)
-        return torch.fft.fftshift(torch.fft.fft2(patches, norm="ortho"), dim=(-2, -1))
+        return torch.fft.fft2(patches, norm="ortho")
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, matrix: torch.Tensor | None = None) -> torch.Tensor:
         if pred.shape != target.shape or pred.dim() != 4:
             raise ValueError(f"pred and target must both be (B, C, H, W), got {tuple(pred.shape)} and {tuple(target.shape)}")
         with _autocast_off(pred):
-            pred_freq = self.to_spectrum(pred)
-            target_freq = self.to_spectrum(target)
+            pred_freq = self._patch_spectrum(pred)
+            target_freq = self._patch_spectrum(target)
             if self.ave_spectrum:
                 pred_freq = pred_freq.mean(0, keepdim=True)
                 target_freq = target_freq.mean(0, keepdim=True)
             diff = pred_freq - target_freq
-            dist2 = diff.real**2 + diff.imag**2
+            # centred layout from here: one shift of a real tensor instead of two of complex spectra
+            dist2 = torch.fft.fftshift(diff.real**2 + diff.imag**2, dim=(-2, -1))
             loss = torch.sqrt(dist2 + 1e-12) ** self.loss_gamma
             if self.with_matrix:
                 loss = self._weight_matrix(dist2, matrix) * loss
