@@ -28,6 +28,7 @@ from transformers import (
     ConvNextConfig,
     ConvNextV2Config,
     ResNetConfig,
+    SegformerImageProcessor,
     UperNetConfig,
     UperNetForSemanticSegmentation,
 )
@@ -36,9 +37,26 @@ from .configuration_mfm import MFMConfig
 from .modeling_mfm import MFMPreTrainedModel
 from .training.model_loading import load_encoder
 
-__all__ = ["default_out_indices", "resize_position_embeddings", "upernet_from_mfm"]
+__all__ = ["default_out_indices", "resize_position_embeddings", "segmentation_image_processor", "upernet_from_mfm"]
 
 _STAGES = ["stage1", "stage2", "stage3", "stage4"]
+
+
+def segmentation_image_processor(
+    crop_size: int, image_mean: list[float], image_std: list[float], reduce_labels: bool = True
+) -> SegformerImageProcessor:
+    """The image processor saved next to a trained UperNet (the one transformers' UperNet checkpoints use): bilinear
+    resize to the crop size, scale to [0, 1], the encoder's normalisation, and ADE20K's label reduction."""
+    return SegformerImageProcessor(
+        do_resize=True,
+        size={"height": crop_size, "width": crop_size},
+        resample=2,  # PIL bilinear, as the evaluation resize
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=list(image_mean),
+        image_std=list(image_std),
+        do_reduce_labels=reduce_labels,
+    )
 
 
 def default_out_indices(num_layers: int) -> list[int]:

@@ -12,7 +12,7 @@ import torch
 from classification_fixtures import run_script
 from conftest import TINY_BACKBONES, tiny_config
 from PIL import Image
-from transformers import UperNetForSemanticSegmentation
+from transformers import AutoImageProcessor, UperNetForSemanticSegmentation
 
 from modeling_mfm import MFMForPreTraining
 from modeling_mfm.segmentation import default_out_indices, resize_position_embeddings, upernet_from_mfm
@@ -142,3 +142,10 @@ def test_run_segmentation_end_to_end(tmp_path):
     assert all(h["num_samples"] == 3 and 0 <= h["mean_iou"] <= 100 for h in results["history"])
     assert (tmp_path / "out" / "checkpoints" / "checkpoint-4").is_dir()
     assert UperNetForSemanticSegmentation.from_pretrained(tmp_path / "out").config.num_labels == 3
+    # the image processor saved beside it turns an image into the model's input, and reduces labels as trained
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "out")
+    encoder = MFMForPreTraining.from_pretrained(tmp_path / "mfm").config
+    assert list(processor.image_mean) == list(encoder.image_mean) and processor.do_reduce_labels
+    batch = processor(Image.fromarray(image), segmentation_maps=Image.fromarray(mask), return_tensors="pt")
+    assert batch["pixel_values"].shape == (1, 3, 32, 32)
+    assert set(batch["labels"].unique().tolist()) == {0, 2, 255}  # 1 -> 0, 3 -> 2, "other" -> ignored

@@ -36,7 +36,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 from tqdm.auto import tqdm
 
-from ..segmentation import upernet_from_mfm
+from ..segmentation import segmentation_image_processor, upernet_from_mfm
 from .checkpointing import read_trainer_state, remove_stale_temporaries, resolve_checkpoint, save_checkpoint
 from .layer_decay import layer_decay_parameter_groups
 from .model_loading import build_mfm_config
@@ -315,6 +315,10 @@ def train_segmentation(args: SegmentationArguments) -> dict[str, Any]:
                     state["best"] = {"step": step, **metrics}
                     unwrapped.save_pretrained(output_dir, is_main_process=accelerator.is_main_process,
                                               save_function=accelerator.save)
+                    if accelerator.is_main_process:
+                        segmentation_image_processor(args.crop_size, mean, std, args.reduce_labels).save_pretrained(
+                            output_dir
+                        )
                 model.train()
             if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
                 save_checkpoint(accelerator, checkpoint_root, step, state, keep=args.checkpoints_total_limit)
