@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                 where = f"decode on {result['device']}" if decode_on_device else f"draft {'on ' if draft else 'off'}"
                 print(f"data  {workers} workers  {where}  "
                       f"{result['img_per_s']:8.1f} img/s  {result['img_per_s_per_worker']:8.1f} img/s/worker  "
+                      f"{result['in_process_ms_per_image']:6.3f} ms/img in process  "
                       f"peak {result['peak_memory_mib']:8.0f} MiB  ({result['images']} images)", flush=True)
         if not args.skip_step:
             for name in args.models:

@@ -43,6 +43,7 @@ def test_input_pipeline_benchmark_counts_images(tmp_path, decode_on_device):
                                       device="cpu")
     assert result["decode_on_device"] is decode_on_device and result["device"] == "cpu"
     assert result["images"] == 10 and result["img_per_s"] > 0 and result["folder_images"] == 6
+    assert 0 < result["in_process_ms_per_image"] < 1000 / result["img_per_s"]
     assert 1 <= result["skipped_images"] <= 2
 
 
