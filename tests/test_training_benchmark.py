@@ -107,3 +107,18 @@ def test_fast_path_agrees_with_the_plain_step(tiny_config_factory, backbone):
     assert exact["loss_relative_difference"] < 1e-6 and exact["grad_cosine_similarity"] > 0.99999
     with pytest.raises(ValueError, match="corruption 'mfm'"):
         fast_path_agreement(tiny_config_factory(backbone, corruption="sr", loss_on="all"), device="cpu")
+
+
+def test_profile_table_and_compile_scope_check(tiny_config_factory, tmp_path):
+    path = tmp_path / "profile.txt"
+    try:
+        result = benchmark_training_step(tiny_config_factory("beit"), batch_size=2, steps=1, warmup_steps=1, cpu=True,
+                                         profile_path=str(path))
+        with pytest.raises(ValueError, match="compile_scope"):
+            benchmark_training_step(tiny_config_factory("beit"), batch_size=2, compile_scope="decoder")
+    finally:
+        AcceleratorState._reset_state(True)
+    table = path.read_text()
+    assert result["img_per_s"] > 0 and result["compile_scope"] is None
+    # three profiled steps: every step's optimizer update and the attention of each block appear
+    assert "3 steps" in table and "Optimizer.step" in table and "scaled_dot_product" in table
