@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU measurements behind the README's performance figures, in one run on one H100/H200.
 #
-#   bash benchmarks/gpu.sh IMAGE_FOLDER RESULTS_FOLDER [table|profile]
+#   bash benchmarks/gpu.sh IMAGE_FOLDER RESULTS_FOLDER [table|profile|train]
 #
 # table (default, about 6 minutes): the training step eager and compiled, float32, memory at batch 256 with and
 # without gradient checkpointing, the input pipeline. profile (about 5 minutes): torch.profiler tables of the eager
 # ViT-B/16 and ResNet-50 steps and of the compiled ViT-B/16 step, the step with only the encoder compiled, and the
-# input pipeline for 1 to 15 workers.
+# input pipeline for 1 to 15 workers. train (about 5 minutes): pre-training ViT-B/16 on the image folder for 60 steps
+# with PIL workers, with --decode_on_device and compiled: what the training loop achieves on real JPEGs.
 # IMAGE_FOLDER: JPEGs for the input-pipeline figures (ImageNet samples). RESULTS_FOLDER receives one JSON file per
 # group, the profiler tables and the full log. The groups run in order of importance, each under its own time limit.
 set -u
@@ -51,8 +52,36 @@ elif [ "$mode" = profile ]; then
         --profile_dir "$results"
     step pipeline 120 --skip_step --data_dir "$images" --num_workers 1 2 4 8 15 --data_batch_size 64 \
         --data_batches 40 --decode_on_device both --cache_dir /tmp/datasets_cache
+elif [ "$mode" = train ]; then
+    # end to end: pre-training ViT-B/16 on the JPEGs (copied 10x, so that an epoch spans many steps) with PIL
+    # workers, with --decode_on_device, and compiled; the img/s the training loop logs (steps 21-60)
+    data=/tmp/mfm_train_images
+    rm -rf "$data"
+    for i in $(seq 10); do mkdir -p "$data/$i" && cp "$images"/* "$data/$i/"; done
+    for variant in pil device compiled; do
+        extra=()
+        [ "$variant" = device ] && extra=(--decode_on_device)
+        [ "$variant" = compiled ] && extra=(--torch_compile)
+        echo "== train_$variant"
+        timeout 200 python run_scripts/run_pretrain.py --model mfm-vit-base --train_dir "$data" \
+            --output_dir "/tmp/mfm_run_$variant" --per_device_train_batch_size 128 --max_train_steps 60 \
+            --warmup_steps 5 --mixed_precision bf16 --logging_steps 10 --visualization_steps 0 \
+            --checkpointing_steps 1000 --report_to none --dataloader_num_workers 15 \
+            --cache_dir /tmp/datasets_cache "${extra[@]}" > "/tmp/mfm_run_$variant.log" 2>&1 \
+            || { echo "!! train_$variant failed or timed out"; tail -5 "/tmp/mfm_run_$variant.log"; }
+        python - "/tmp/mfm_run_$variant/logs/metrics.jsonl" "$results/train_$variant.json" <<'PYTHON'
+import json, sys
+records = [json.loads(line) for line in open(sys.argv[1]) if '"img_per_s"' in line]
+late = [r["img_per_s"] for r in records if r["step"] > 20]
+summary = {"img_per_s_by_step": {r["step"]: r["img_per_s"] for r in records},
+           "img_per_s_steps_21_60": sum(late) / max(1, len(late)),
+           "peak_memory_mib": max(r["peak_memory_mib"] for r in records)}
+json.dump(summary, open(sys.argv[2], "w"), indent=2)
+print(f"img/s (steps 21-60) {summary['img_per_s_steps_21_60']:.0f}, peak {summary['peak_memory_mib']:.0f} MiB")
+PYTHON
+    done
 else
-    echo "unknown mode $mode (table or profile)" >&2
+    echo "unknown mode $mode (table, profile or train)" >&2
     exit 2
 fi
 echo "== done"
