@@ -33,12 +33,14 @@ def test_training_step_benchmark(tiny_config_factory):
 @pytest.mark.parametrize("decode_on_device", [False, True])
 def test_input_pipeline_benchmark_counts_images(tmp_path, decode_on_device):
     rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    folder.mkdir()
     for i in range(5):
-        Image.fromarray((rng.random((60, 80, 3)) * 255).astype(np.uint8)).save(tmp_path / f"{i}.jpg")
-    (tmp_path / "bad.jpg").write_bytes(b"nope")
-    # 6 files in batches of 2: the untimed first batch, then 5 timed ones end exactly with the second epoch, which
-    # is timed in full and so meets the unreadable file once (the first epoch's timed part may meet it too)
-    result = benchmark_input_pipeline(str(tmp_path), image_size=16, batch_size=2, num_workers=0, batches=5,
+        Image.fromarray((rng.random((60, 80, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.jpg")
+    (folder / "bad.jpg").write_bytes(b"nope")
+    # 6 files repeated twice in one pass of 12 samples, in batches of 2: the untimed first batch, then 5 timed ones
+    # (10 samples), which meet the unreadable file once or twice
+    result = benchmark_input_pipeline(str(folder), image_size=16, batch_size=2, num_workers=0, batches=5,
                                       cache_dir=str(tmp_path / "cache"), decode_on_device=decode_on_device,
                                       device="cpu")
     assert result["decode_on_device"] is decode_on_device and result["device"] == "cpu"

@@ -84,6 +84,11 @@ def test_load_image_folder_errors(tmp_path):
         load_image_dataset(train_dir=str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="exactly one"):
         load_image_dataset()
+    write_images(tmp_path / "photos", 2)
+    with pytest.raises(ValueError, match="lies inside train_dir"):
+        load_image_dataset(train_dir=str(tmp_path / "photos"), cache_dir=str(tmp_path / "photos" / "cache"))
+    dataset, _ = load_image_dataset(train_dir=str(tmp_path / "photos"), cache_dir=str(tmp_path / "photos-cache"))
+    assert len(dataset) == 2  # a sibling folder whose name starts alike is fine
 
 
 def test_load_dataset_by_path_with_named_column(tmp_path):

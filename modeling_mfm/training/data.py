@@ -324,6 +324,11 @@ def find_image_column(features: datasets.Features | None, requested: str | None 
     raise ValueError(f"no image column found among {columns}; pass --image_column_name")
 
 
+def _is_within(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
 def _has_image_file(directory: str) -> bool:
     for _, _, files in os.walk(directory):
         if any(os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS for f in files):
@@ -349,6 +354,11 @@ def load_image_dataset(
     if train_dir is not None:
         if not os.path.isdir(train_dir):
             raise ValueError(f"train_dir {train_dir!r} is not a directory")
+        if cache_dir is not None and _is_within(cache_dir, train_dir):
+            raise ValueError(
+                f"cache_dir {cache_dir!r} lies inside train_dir {train_dir!r}: the image folder loader would then "
+                "read the cache as part of the data; put the cache elsewhere"
+            )
         if not _has_image_file(train_dir):
             raise ValueError(
                 f"train_dir {train_dir!r} contains no image files (looked for {sorted(IMAGE_EXTENSIONS)})"
