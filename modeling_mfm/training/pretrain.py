@@ -47,8 +47,13 @@ from .arguments import (
     parse_backbone_overrides,
     resolve_defaults,
 )
-from .checkpointing import list_checkpoints, read_trainer_state, remove_stale_temporaries, resolve_checkpoint, \
-    save_checkpoint
+from .checkpointing import (
+    list_checkpoints,
+    read_trainer_state,
+    remove_stale_temporaries,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from .data import (
     EpochShuffleSampler,
     HFImageSource,
@@ -59,6 +64,7 @@ from .data import (
     prepare_stream,
     sample_photo_source,
 )
+from .device_decoding import DeviceDecodeTransform, collate_encoded_batches, decode_batch
 from .hub import LocalHubMirror, push_folder_to_hub
 from .model_card import render_model_card
 from .model_factory import build_config, build_model, preferred_memory_format
@@ -68,7 +74,6 @@ from .randomness import derive_seed, global_micro_batch_index, seeded_device_rng
 from .schedules import build_warmup_cosine_scheduler
 from .step_statistics import NonFiniteLossError, StepStatistics
 from .trackers import JSONLinesTracker
-from .device_decoding import DeviceDecodeTransform, collate_encoded_batches, decode_batch
 from .transforms import DEFAULT_CROP_RATIO, PretrainTransform, normalize_on_device
 from .visualization import predict_fixed_batch, reconstruction_grid, save_png
 
