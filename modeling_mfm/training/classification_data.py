@@ -87,6 +87,18 @@ class ClassificationDataArguments:
     cache_dir: str | None = field(default=None, metadata={"help": "datasets / transformers cache folder."})
     num_workers: int = field(default=4, metadata={"help": "DataLoader worker processes."})
 
+    def load_datasets(self, seed: int) -> ClassificationData:
+        """The training and validation data these arguments name (`load_classification_dataset`); ``seed`` draws
+        the held-out split when there is no validation split."""
+        return load_classification_dataset(
+            dataset_name=self.dataset_name, dataset_config_name=self.dataset_config_name, train_dir=self.train_dir,
+            validation_dir=self.validation_dir, train_split_name=self.train_split_name,
+            validation_split_name=self.validation_split_name,
+            validation_split_percentage=self.validation_split_percentage, image_column_name=self.image_column_name,
+            label_column_name=self.label_column_name, seed=seed, cache_dir=self.cache_dir,
+        )
+
+
 DEFAULT_AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"
 LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "class", "target", "category")
 VALIDATION_SPLIT_NAMES = ("validation", "val", "valid", "test")

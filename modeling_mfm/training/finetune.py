@@ -41,7 +41,6 @@ from .classification_data import (
     build_eval_transform,
     build_train_transform,
     collate_classification,
-    load_classification_dataset,
 )
 from .classification_metrics import TopKAccuracy, top_k_indices
 from .hub import LocalHubMirror, push_folder_to_hub
@@ -293,13 +292,7 @@ def finetune(args: FinetuneArguments) -> dict[str, Any]:
     set_seed(args.seed)
 
     with accelerator.main_process_first():
-        data = load_classification_dataset(
-            dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name, train_dir=args.train_dir,
-            validation_dir=args.validation_dir, train_split_name=args.train_split_name,
-            validation_split_name=args.validation_split_name,
-            validation_split_percentage=args.validation_split_percentage, image_column_name=args.image_column_name,
-            label_column_name=args.label_column_name, seed=args.seed, cache_dir=args.cache_dir,
-        )
+        data = args.load_datasets(args.seed)
     train_rows, eval_rows = data.train, data.validation
     if args.max_train_samples is not None:
         train_rows = train_rows.select(range(min(args.max_train_samples, len(train_rows))))

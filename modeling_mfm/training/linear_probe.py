@@ -40,7 +40,6 @@ from .classification_data import (
     ClassificationDataset,
     build_eval_transform,
     collate_classification,
-    load_classification_dataset,
 )
 from .classification_metrics import TopKAccuracy
 from .model_loading import load_encoder
@@ -238,13 +237,7 @@ def run_linear_probe(args: LinearProbeArguments) -> dict[str, Any]:
     accelerator = Accelerator()
     set_seed(args.seed)
     with accelerator.main_process_first():
-        data = load_classification_dataset(
-            dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name, train_dir=args.train_dir,
-            validation_dir=args.validation_dir, train_split_name=args.train_split_name,
-            validation_split_name=args.validation_split_name,
-            validation_split_percentage=args.validation_split_percentage, image_column_name=args.image_column_name,
-            label_column_name=args.label_column_name, seed=args.seed, cache_dir=args.cache_dir,
-        )
+        data = args.load_datasets(args.seed)
     encoder = load_encoder(args.model_name_or_path, cache_dir=args.cache_dir)
     config = encoder.config
     transform = build_eval_transform(config.image_size, config.image_mean, config.image_std, args.crop_pct)
