@@ -20,7 +20,14 @@ from ..frequency import low_pass_mask, sample_frequency_masks
 from .randomness import seeded_device_rng
 from .transforms import normalize_on_device
 
-__all__ = ["combine_bands", "log_magnitude_spectrum", "predict_fixed_batch", "reconstruction_grid", "save_png"]
+__all__ = [
+    "combine_bands",
+    "figure_to_array",
+    "log_magnitude_spectrum",
+    "predict_fixed_batch",
+    "reconstruction_grid",
+    "save_png",
+]
 
 
 def log_magnitude_spectrum(images: torch.Tensor) -> torch.Tensor:
@@ -94,9 +101,13 @@ def reconstruction_grid(
     if title:
         figure.suptitle(title, fontsize=9)
     figure.tight_layout()
-    canvas = figure.canvas
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    return figure_to_array(figure)
+
+
+def figure_to_array(figure: Any) -> np.ndarray:
+    """A matplotlib figure (Agg canvas) rendered to an (H, W, 3) uint8 array."""
+    figure.canvas.draw()
+    return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
 
 
 def save_png(picture: np.ndarray, path: str | os.PathLike) -> None:

@@ -28,7 +28,7 @@ from ..corruptions import (
     super_resolution_degrade,
 )
 from .transforms import to_rgb
-from .visualization import log_magnitude_spectrum
+from .visualization import figure_to_array, log_magnitude_spectrum
 
 __all__ = [
     "corruption_examples",
@@ -167,8 +167,7 @@ def corruption_figure(
     if title:
         figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    figure.canvas.draw()
-    return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+    return figure_to_array(figure)
 
 
 def save_palette_png(picture: np.ndarray, path: str | os.PathLike, colors: int = 256) -> None:
