@@ -290,10 +290,20 @@ def test_restoration_pretext_from_the_command_line(workspace, in_process, capsys
     assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss"]) for r in records)
 
 
-def test_decode_on_device_follows_the_pil_paths_trajectory(workspace, in_process, capsys):
+def test_decode_on_device_follows_the_pil_paths_trajectory(workspace, in_process, capsys, monkeypatch):
     """The same crops, masks and steps with JPEGs decoded by the 'device' (the CPU here): the losses follow the PIL
     path's (--no_jpeg_draft, full-size decoding) up to the two decoders' rounding; other images, the corrupt file
     and the pictures take their usual paths."""
+    from modeling_mfm.training import pretrain
+
+    decoded_batches = []
+    real_decode_batch = pretrain.decode_batch
+
+    def counting_decode_batch(batch, size, device):
+        decoded_batches.append(len(batch["jpeg_crops"]))
+        return real_decode_batch(batch, size, device)
+
+    monkeypatch.setattr(pretrain, "decode_batch", counting_decode_batch)
     losses = {}
     for name, flag in (("pil", "--no_jpeg_draft"), ("device", "--decode_on_device")):
         out = workspace["root"] / f"decode-{name}"
@@ -304,4 +314,5 @@ def test_decode_on_device_follows_the_pil_paths_trajectory(workspace, in_process
         assert (out / "reconstruction.png").exists()
         losses[name] = [r["loss"] for r in records]
     assert losses["device"] == pytest.approx(losses["pil"], rel=5e-3)  # other crops: 0.48 vs 0.80
-    assert losses["device"] != losses["pil"]  # really decoded by another decoder
+    # only the device run went through decode_batch: its 4 steps and the pictures' batch, with JPEGs still encoded
+    assert len(decoded_batches) == 5 and sum(decoded_batches) >= 8

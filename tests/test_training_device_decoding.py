@@ -65,8 +65,9 @@ def test_decoded_batch_matches_the_pil_path_pixel_for_pixel_within_rounding():
     pixels, undecodable = decode_batch(collate_encoded_batches(samples), 48, "cpu")
     assert undecodable == 0 and pixels.dtype == torch.uint8 and pixels.shape == (6, 3, 48, 48)
     difference = (pixels.float() - expected.float()).abs()
-    # two JPEG decoders and two antialiased bicubic resamplers: the same picture up to a level or two
-    assert difference.mean() < 1.0 and difference.amax() <= 12
+    # two JPEG decoders (PIL's libjpeg and torchvision's) and one resampler (`resized_crop`): the same picture up to
+    # the decoders' rounding
+    assert difference.mean() < 0.1 and difference.amax() <= 3
     assert difference.mean(dim=(1, 2, 3)).max() < 1.5  # every image, so no crop or flip differs
 
 

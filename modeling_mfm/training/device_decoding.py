@@ -6,7 +6,7 @@ at most ~4,000 img/s to a GPU whose MFM step can take more. With ``--decode_on_d
 header (size, mode) and its bytes, draws the RandomResizedCrop box and the flip from the sample's generator exactly
 as `PretrainTransform` does (same draws, same order: the same sample gets the same crop on either path), and
 returns an `EncodedCrop`. On the device, `decode_batch` decodes the batch with ``torchvision.io.decode_jpeg``
-(nvJPEG on CUDA, batched), crops, resizes with antialiased bicubic interpolation (what PIL's ``resize`` does) and
+(nvJPEG on CUDA, batched), crops, resizes with antialiased bicubic interpolation (`resized_crop`, as the PIL path) and
 flips. Images nvJPEG may not take (PNG, greyscale or CMYK JPEGs, decoded in-memory images) fall back to the PIL
 path in the worker and travel decoded in the same batch.
 
@@ -23,10 +23,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from .transforms import PretrainTransform, sample_resized_crop
+from .transforms import PretrainTransform, resized_crop, sample_resized_crop
 
 with warnings.catch_warnings():  # torchvision 0.29 deprecates its image codecs in favour of TorchCodec
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -123,16 +122,13 @@ def _decode_all(crops: list[EncodedCrop], device: torch.device) -> list[torch.Te
 
 
 def _crop_resize_flip(image: torch.Tensor, crop: EncodedCrop, size: int) -> torch.Tensor:
-    """uint8 (3, H, W) -> uint8 (3, size, size): the crop resized with antialiased bicubic interpolation (as PIL's
-    BICUBIC ``resize``), rounded and clamped, then flipped if drawn so."""
+    """uint8 (3, H, W) -> uint8 (3, size, size): the crop resized as on the PIL path (`resized_crop`), then flipped
+    if drawn so."""
     if image.shape[-2] < crop.top + crop.height or image.shape[-1] < crop.left + crop.width:
         raise ValueError(f"crop box {crop.top, crop.left, crop.height, crop.width} lies outside the decoded image "
                          f"{tuple(image.shape[-2:])}: the header and the data disagree")
-    region = image[None, :, crop.top : crop.top + crop.height, crop.left : crop.left + crop.width].float()
-    resized = F.interpolate(region, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-    if crop.flip:
-        resized = resized.flip(-1)
-    return resized[0].round_().clamp_(0, 255).to(torch.uint8)
+    resized = resized_crop(image, crop.top, crop.left, crop.height, crop.width, size)
+    return resized.flip(-1) if crop.flip else resized
 
 
 def decode_batch(batch: dict[str, Any], size: int, device: torch.device | str) -> tuple[torch.Tensor, int]:

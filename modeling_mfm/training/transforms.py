@@ -3,9 +3,12 @@
 Why not torchvision's transform object: the crop parameters here are drawn from an explicit ``numpy`` generator
 (one per sample, seeded from (seed, epoch, index)), so that a sample looks the same whichever worker, process or
 resumed run produces it; and the crop is known *before* the image is decoded, which lets JPEGs be decoded at a
-reduced resolution (PIL draft mode, DCT scaling by 1/2, 1/4 or 1/8) when the crop is going to be downscaled anyway.
-The crop geometry (and so its distribution) is the same with and without draft mode: the crop box is mapped to the
-reduced image in fractional coordinates and resampled with ``Image.resize(box=...)``.
+reduced resolution (PIL draft mode, DCT scaling by 1/2, 1/4 or 1/8) when the crop is going to be downscaled anyway
+(the crop box is then mapped to the reduced image, to the nearest reduced pixel).
+
+The crop is cut, then resized with antialiased bicubic interpolation, as torchvision's ``resized_crop`` does on PIL
+images in the official pipeline; the resize runs in torch's ``uint8`` kernel, which reproduces PIL's BICUBIC filter
+four times faster than PIL does, and is most of the per-image cost after the decode.
 
 The output is a ``uint8`` tensor (C, H, W): four times less data through worker queues, pinned memory and the
 host-to-device copy than float32. Normalisation happens on the device (`normalize_on_device`).
@@ -18,6 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 __all__ = [
@@ -25,6 +29,7 @@ __all__ = [
     "DEFAULT_CROP_RATIO",
     "PretrainTransform",
     "normalize_on_device",
+    "resized_crop",
     "sample_resized_crop",
     "to_rgb",
 ]
@@ -143,27 +148,47 @@ class PretrainTransform:
         width, height = image.size  # from the header: nothing decoded yet for a lazily opened file
         top, left, crop_h, crop_w = sample_resized_crop(width, height, rng, self.scale, self.ratio)
         flip = rng.random() < self.hflip_probability
-        reduction = 1.0
         if self.jpeg_draft and image.format in ("JPEG", "MPO"):
             # ask for the smallest decode in which the crop still has >= size pixels per side
-            requested = (
-                max(1, math.ceil(width * self.size / crop_w)),
-                max(1, math.ceil(height * self.size / crop_h)),
+            image.draft(
+                "RGB", (max(1, math.ceil(width * self.size / crop_w)), max(1, math.ceil(height * self.size / crop_h)))
             )
-            drafted = image.draft("RGB", requested)
-            if drafted is not None:
-                reduction = width / drafted[1][2]  # the draft box is the full image in reduced pixels
         image = to_rgb(image)
-        box = (
-            left / reduction,
-            top / reduction,
-            (left + crop_w) / reduction,
-            (top + crop_h) / reduction,
-        )
-        out = image.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
+        top, left, crop_h, crop_w = _box_in_decoded_pixels((top, left, crop_h, crop_w), (width, height), image.size)
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, H, W) view of the HWC array
+        out = resized_crop(pixels, top, left, crop_h, crop_w, self.size)
         if flip:
-            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+            out = out.flip(-1)
+        return out.contiguous()
+
+
+def _box_in_decoded_pixels(
+    box: tuple[int, int, int, int], full_size: tuple[int, int], decoded_size: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """Maps a crop box drawn on the full image to an image decoded at a reduced size (JPEG draft), to the nearest
+    reduced pixel; the identity when nothing was reduced."""
+    if decoded_size == full_size:
+        return box
+    top, left, crop_h, crop_w = box
+    scale_x, scale_y = decoded_size[0] / full_size[0], decoded_size[1] / full_size[1]
+    new_top = min(round(top * scale_y), decoded_size[1] - 1)
+    new_left = min(round(left * scale_x), decoded_size[0] - 1)
+    bottom = min(max(round((top + crop_h) * scale_y), new_top + 1), decoded_size[1])
+    right = min(max(round((left + crop_w) * scale_x), new_left + 1), decoded_size[0])
+    return new_top, new_left, bottom - new_top, right - new_left
+
+
+def resized_crop(image: torch.Tensor, top: int, left: int, height: int, width: int, size: int) -> torch.Tensor:
+    """``uint8`` (C, H, W) -> ``uint8`` (C, size, size): the box cut out, then resized with antialiased bicubic
+    interpolation (PIL's BICUBIC filter). On the CPU this runs in torch's ``uint8`` kernel; other devices have no
+    such kernel and go through float32, rounded back."""
+    if image.dtype != torch.uint8 or image.dim() != 3:
+        raise ValueError(f"image must be uint8 (C, H, W), got {image.dtype} {tuple(image.shape)}")
+    region = image[None, :, top : top + height, left : left + width]
+    if image.device.type == "cpu":
+        return F.interpolate(region, size=(size, size), mode="bicubic", align_corners=False, antialias=True)[0]
+    resized = F.interpolate(region.float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+    return resized[0].round_().clamp_(0, 255).to(torch.uint8)
 
 
 def normalize_on_device(
