@@ -391,14 +391,7 @@ def check_parity(
     if arch.task == "pretraining":
         if config.patch_factor != 1:
             raise ValueError(f"patch_factor {config.patch_factor}: the parity check supports the official value 1")
-        loss_options = {
-            "loss_gamma": config.loss_gamma,
-            "matrix_gamma": config.matrix_gamma,
-            "ave_spectrum": config.ave_spectrum,
-            "with_matrix": config.with_matrix,
-            "log_matrix": config.log_matrix,
-            "batch_matrix": config.batch_matrix,
-        }
+        loss_options = reference.loss_options(config)
         if config.corruption == "mfm":
             outer = config.mask_outer_radius if config.mask_outer_radius is not None else math.inf
             low_pass = [i % 2 == 0 for i in range(batch_size)]  # low-pass, high-pass, low-pass, ...

@@ -13,6 +13,7 @@ Every function takes the official names (``encoder.blocks.0.attn.qkv.weight``...
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ __all__ = [
     "frequency_loss",
     "frequency_mask",
     "frequency_transform",
+    "loss_options",
     "normalize",
     "pretraining_forward",
     "resnet_features",
@@ -94,6 +96,12 @@ def frequency_loss(
         return distance.mean()
     removed = (1 - keep.float())[:, None]  # (B, 1, H, W)
     return (distance * removed).sum() / removed.sum() / prediction.shape[1]
+
+
+def loss_options(config: Any) -> dict[str, float | bool]:
+    """The loss settings of an MFM config (read by attribute name), as `frequency_loss` keywords."""
+    names = ("loss_gamma", "matrix_gamma", "ave_spectrum", "with_matrix", "log_matrix", "batch_matrix")
+    return {name: getattr(config, name) for name in names}
 
 
 # ------------------------------------------------------------------------------------------------------------- ViT

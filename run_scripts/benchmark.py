@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Throughput, FLOPs, MFU and peak memory of MFM pre-training: the training step and, separately, the input pipeline.
 
-    python run_scripts/benchmark.py --models mfm-vit-tiny mfm-vit-base --batch_size 8
+    python run_scripts/benchmark.py --models mfm-vit-tiny mfm-vit-base --batch_size 8 --plain_baseline
     python run_scripts/benchmark.py --models mfm-vit-base mfm-resnet50 --batch_size 128 --mixed_precision bf16 \
         --torch_compile --peak_tflops 989 --check_fast_path
     python run_scripts/benchmark.py --skip_step --data_dir path/to/jpegs --num_workers 0 1 2
@@ -45,6 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     step.add_argument("--check_fast_path", action="store_true",
                       help="First compare the loss and gradients of one batch by the fast step (this precision, "
                            "SDPA, channels_last, compile) with the plain float32 eager step, same masks.")
+    step.add_argument("--plain_baseline", action="store_true",
+                      help="Also time the plain float32 formulation of the same step (host-built masks, complex "
+                           "arithmetic, eager attention, for-loop AdamW) and print the speed-up over it.")
     step.add_argument("--skip_step", action="store_true", help="Only benchmark the input pipeline.")
     data = parser.add_argument_group("input pipeline (a folder of images)")
     data.add_argument("--data_dir", help="Folder of images; the pipeline benchmark runs when given.")
@@ -59,6 +62,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--cache_dir", help="Where datasets caches the folder's file list.")
     parser.add_argument("--json", help="Write all results to this JSON file.")
     return parser.parse_args(argv)
+
+
+def print_step(name: str, result: dict) -> None:
+    print(f"step  {name:<16} {result['formulation']:<5} {result['image_size']}px batch {result['batch_size']:<4} "
+          f"{result['img_per_s']:8.1f} img/s  {result['step_seconds'] * 1000:8.0f} ms/step  "
+          f"{result['gflops_per_image']:7.1f} GFLOP/img  {result['achieved_tflops']:7.2f} TFLOP/s  "
+          + (f"MFU {result['mfu']:.1%}  " if "mfu" in result else "")
+          + f"peak {result['peak_memory_mib']:8.0f} MiB  ({result['hardware']}, "
+          f"{result['mixed_precision']}, {result['threads']} threads)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,12 +120,19 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 result["model"] = name
                 results.append(result)
-                print(f"step  {name:<16} {result['image_size']}px batch {result['batch_size']:<4} "
-                      f"{result['img_per_s']:8.1f} img/s  {result['step_seconds'] * 1000:8.0f} ms/step  "
-                      f"{result['gflops_per_image']:7.1f} GFLOP/img  {result['achieved_tflops']:7.2f} TFLOP/s  "
-                      + (f"MFU {result['mfu']:.1%}  " if "mfu" in result else "")
-                      + f"peak {result['peak_memory_mib']:8.0f} MiB  ({result['hardware']}, "
-                      f"{result['mixed_precision']}, {result['threads']} threads)", flush=True)
+                print_step(name, result)
+                if args.plain_baseline:
+                    plain = benchmark_training_step(
+                        config, args.batch_size, args.steps, args.warmup_steps,
+                        gradient_checkpointing=args.gradient_checkpointing, cpu=args.cpu,
+                        peak_tflops=args.peak_tflops, plain=True,
+                    )
+                    plain["model"] = name
+                    result["speedup_over_plain"] = result["img_per_s"] / plain["img_per_s"]
+                    results.append(plain)
+                    print_step(name, plain)
+                    print(f"      {name:<16} x{result['speedup_over_plain']:.2f} over the plain float32 formulation",
+                          flush=True)
     except ValueError as error:
         print(f"benchmark.py: error: {error}", file=sys.stderr)
         return 2

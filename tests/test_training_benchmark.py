@@ -67,15 +67,17 @@ def test_benchmark_script_writes_json(tmp_path):
         code = module.main(["--models", "mfm-vit-tiny", "--image_size", "32", "--batch_size", "2", "--steps", "1",
                             "--warmup_steps", "0", "--cpu", "--data_dir", str(images), "--num_workers", "0",
                             "--data_batch_size", "2", "--data_batches", "1", "--cache_dir", str(tmp_path / "cache"),
-                            "--decode_on_device", "both",
+                            "--decode_on_device", "both", "--plain_baseline",
                             "--json", str(tmp_path / "r.json")])
     finally:
         AcceleratorState._reset_state(True)
     assert code == 0
     results = json.loads((tmp_path / "r.json").read_text())
-    assert [r["benchmark"] for r in results] == ["input_pipeline", "input_pipeline", "training_step"]
+    assert [r["benchmark"] for r in results] == ["input_pipeline", "input_pipeline", "training_step", "training_step"]
     assert [r["decode_on_device"] for r in results[:2]] == [False, True]
     assert results[2]["model"] == "mfm-vit-tiny" and results[2]["img_per_s"] > 0
+    assert [r["formulation"] for r in results[2:]] == ["fast", "plain"]
+    assert results[2]["speedup_over_plain"] == pytest.approx(results[2]["img_per_s"] / results[3]["img_per_s"])
     assert results[0]["images"] == results[1]["images"] == 2
 
 

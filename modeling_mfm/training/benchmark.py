@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 import statistics
 import time
 from typing import Any
@@ -23,6 +24,7 @@ from .device_decoding import DeviceDecodeTransform, collate_encoded_batches, dec
 from .model_factory import preferred_memory_format
 from .monitoring import describe_hardware, peak_memory_bytes, reset_peak_memory
 from .optim import build_optimizer
+from .plain_step import plain_config, plain_keep_masks, plain_pretraining_loss
 from .transforms import PretrainTransform, normalize_on_device
 
 __all__ = ["benchmark_input_pipeline", "benchmark_training_step", "training_flops_per_image"]
@@ -91,6 +93,7 @@ def benchmark_training_step(
     peak_tflops: float | None = None,
     compile_scope: str = "model",
     profile_path: str | None = None,
+    plain: bool = False,
 ) -> dict[str, Any]:
     """Images per second and peak memory of the full training step (normalisation on the device, forward with
     frequency masking, frequency loss, backward, gradient clipping, AdamW) on random uint8 images, through
@@ -98,7 +101,10 @@ def benchmark_training_step(
     median over the timed steps (each step is waited for). With ``peak_tflops`` (the accelerator's dense peak in
     the benchmark's precision) the result has the MFU: FLOPs per image x img/s / peak. ``compile_scope`` "model"
     compiles the whole MFMForPreTraining, "backbone" only its encoder. With ``profile_path``, three more steps run
-    under ``torch.profiler`` and the table of the operators' device (or CPU) time is written there."""
+    under ``torch.profiler`` and the table of the operators' device (or CPU) time is written there.
+
+    ``plain`` times the baseline instead: the same model and loss in the plain float32 formulation of `plain_step`
+    (host-built masks, complex-arithmetic corruption and loss, eager attention, for-loop AdamW)."""
     from ..modeling_mfm import MFMForPreTraining
 
     if batch_size <= 0 or steps <= 0 or warmup_steps < 0:
@@ -108,6 +114,10 @@ def benchmark_training_step(
         raise ValueError(f"compile_scope must be 'model' or 'backbone', got {compile_scope!r}")
     if peak_tflops is not None and peak_tflops <= 0:
         raise ValueError(f"peak_tflops must be positive, got {peak_tflops}")
+    if plain and (mixed_precision != "no" or torch_compile):
+        raise ValueError("the plain baseline is float32 eager: use it without mixed precision or compilation")
+    if plain:
+        config = plain_config(config)
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
     device = accelerator.device
     flops_per_image = training_flops_per_image(config, batch_size=min(batch_size, 2), device=device)
@@ -115,9 +125,12 @@ def benchmark_training_step(
     model = MFMForPreTraining(config)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    memory_format = preferred_memory_format(config, device)
+    memory_format = torch.contiguous_format if plain else preferred_memory_format(config, device)
     model.to(device, memory_format=memory_format)
-    optimizer = build_optimizer(model, lr=1e-4, fused=device.type == "cuda")
+    if plain:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, foreach=False)
+    else:
+        optimizer = build_optimizer(model, lr=1e-4, fused=device.type == "cuda")
     if torch_compile and compile_scope == "backbone":
         model.mfm.backbone.compile()
     elif torch_compile:
@@ -127,9 +140,15 @@ def benchmark_training_step(
     images = torch.randint(0, 256, (batch_size, config.num_channels, config.image_size, config.image_size),
                            dtype=torch.uint8, device=device)
 
+    host_rng = random.Random(0)
+
     def step() -> torch.Tensor:
-        pixel_values = normalize_on_device(images, config.image_mean, config.image_std)
-        loss = model(pixel_values=pixel_values, return_dict=True).loss
+        if plain:
+            keep = plain_keep_masks(config, batch_size, host_rng).to(device)
+            loss = plain_pretraining_loss(model, images.float() / 255.0, keep)
+        else:
+            pixel_values = normalize_on_device(images, config.image_mean, config.image_std)
+            loss = model(pixel_values=pixel_values, return_dict=True).loss
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), 3.0)
         optimizer.step()
@@ -154,6 +173,7 @@ def benchmark_training_step(
     img_per_s = batch_size / median
     result = {
         "benchmark": "training_step",
+        "formulation": "plain" if plain else "fast",
         "hardware": describe_hardware(device),
         "device": str(device),
         "image_size": config.image_size,

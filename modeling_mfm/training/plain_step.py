@@ -1,0 +1,55 @@
+"""The plain float32 formulation of the MFM pre-training step: the baseline `benchmark_training_step` times the
+package's step against (``run_scripts/benchmark.py --plain_baseline``).
+
+Plain means what a direct port of the official code computes: a low- or high-pass choice per image drawn on the host
+and the keep-masks built there (`official_reference.frequency_mask`), corruption and loss in complex arithmetic with
+shifted spectra (`official_reference`), attention as matmul + softmax (transformers' eager implementation), float32
+everywhere, no channels_last, and ``torch.optim.AdamW`` looping over the parameters. Model, weights and loss value are
+those of the package's step, so the two time the same computation: only its formulation differs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from typing import Any
+
+import torch
+
+from .. import official_reference as reference
+
+__all__ = ["plain_config", "plain_keep_masks", "plain_pretraining_loss"]
+
+
+def plain_config(config: Any) -> Any:
+    """A copy of an MFM config whose encoder (and transformer decoder) attend with eager matmul + softmax."""
+    if config.corruption != "mfm":
+        raise ValueError(f"the plain baseline is the frequency-masking step; corruption is {config.corruption!r}")
+    if config.patch_factor != 1:
+        raise ValueError(f"the plain baseline supports the official patch_factor 1, got {config.patch_factor}")
+    config = copy.deepcopy(config)
+    config._attn_implementation = "eager"
+    return config
+
+
+def plain_keep_masks(config: Any, batch_size: int, rng: random.Random) -> torch.Tensor:
+    """Keep-masks (B, S, S) on the host, one low- or high-pass choice per image as the official data loader draws
+    them."""
+    outer = config.mask_outer_radius if config.mask_outer_radius is not None else math.inf
+    low_pass = [rng.random() < config.low_pass_probability for _ in range(batch_size)]
+    return reference.frequency_mask(config.image_size, config.mask_radius, outer, low_pass)
+
+
+def plain_pretraining_loss(model: Any, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The MFM loss of ``model`` (an `MFMForPreTraining`) on [0, 1] images (B, C, S, S) with the keep-masks
+    ``keep`` (B, S, S), computed the official way around the model's encoder and decoder."""
+    config = model.config
+    mean = torch.tensor(config.image_mean, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(config.image_std, device=images.device).view(1, -1, 1, 1)
+    corrupted = reference.frequency_transform(images, keep)
+    features = model.mfm((corrupted - mean) / std, return_dict=True).last_hidden_state
+    reconstruction = model.decode(features, images.shape[-2], images.shape[-1])
+    target = (images - mean) / std
+    removed = keep if config.loss_on == "masked" else None
+    return reference.frequency_loss(reconstruction, target, removed, **reference.loss_options(config))
