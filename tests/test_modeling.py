@@ -183,6 +183,40 @@ def test_transformer_decoder_variant():
     assert all(p.grad is not None for p in model.parameters())
 
 
+def _multiplies(step) -> int:
+    from torch.profiler import profile
+
+    with profile() as profiler:
+        step()
+    return sum(event.count for event in profiler.key_averages() if event.key == "aten::mul")
+
+
+def test_switched_off_layer_scale_costs_no_multiply_and_changes_nothing():
+    from transformers import AutoModel
+
+    config = tiny_config("beit", decoder_depth=1, decoder_hidden_size=16, decoder_num_attention_heads=2)
+    images = torch.randn(2, 3, 32, 32)
+    stock = AutoModel.from_config(config.backbone_config, add_pooling_layer=False).train()
+    model = MFMModel(config, add_pooling_layer=False).train()
+    model.backbone.load_state_dict(stock.state_dict())
+    torch.testing.assert_close(model(images).last_hidden_state, stock(images).last_hidden_state)
+    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    layers = config.backbone_config.num_hidden_layers
+    # transformers multiplies both branches of every block by 1.0, forward and backward; the MFM encoder does not
+    stock_muls = _multiplies(lambda: stock(images).last_hidden_state.sum().backward())
+    ours_muls = _multiplies(lambda: model(images).last_hidden_state.sum().backward())
+    assert stock_muls - ours_muls >= 2 * layers
+    assert set(saved) == {n for n, _ in model.named_parameters()}  # no parameter added or lost
+    pretraining = MFMForPreTraining(config)
+    assert "1.0 (no layer scale)" == repr(pretraining.decoder.layers[0].lambda_1)
+    # a real layer scale stays a trained parameter
+    scaled = MFMForPreTraining(tiny_config("beit", backbone_config={**TINY_BACKBONES["beit"], "layer_scale_init_value": 0.1}))
+    lambdas = [p for n, p in scaled.named_parameters() if n.endswith(("lambda_1", "lambda_2"))]
+    assert len(lambdas) == 2 * layers
+    scaled(images).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lambdas)
+
+
 @pytest.mark.parametrize("backbone", ["beit", "vit", "resnet", "convnext"])
 def test_gradient_checkpointing_gives_the_same_gradients(backbone):
     model = MFMForPreTraining(tiny_config(backbone)).train()
