@@ -4,7 +4,7 @@
     python run_scripts/benchmark.py --models mfm-vit-tiny mfm-vit-base --batch_size 8 --plain_baseline
     python run_scripts/benchmark.py --models mfm-vit-base mfm-resnet50 --batch_size 128 --mixed_precision bf16 \
         --torch_compile --peak_tflops 989 --check_fast_path
-    python run_scripts/benchmark.py --skip_step --data_dir path/to/jpegs --num_workers 0 1 2
+    python run_scripts/benchmark.py --skip_step --data_dir path/to/jpegs --num_workers 0 1 2 --pipeline_stages
     python run_scripts/benchmark.py --skip_step --data_dir path/to/jpegs --decode_on_device both
     python run_scripts/benchmark.py ... --json results.json
 """
@@ -18,7 +18,11 @@ import os
 import sys
 
 from modeling_mfm.configuration_mfm import MFMConfig
-from modeling_mfm.training.benchmark import benchmark_input_pipeline, benchmark_training_step
+from modeling_mfm.training.benchmark import (
+    benchmark_input_pipeline,
+    benchmark_training_step,
+    benchmark_transform_stages,
+)
 from modeling_mfm.training.fast_path_check import fast_path_agreement
 
 
@@ -54,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--num_workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader workers to try.")
     data.add_argument("--data_batch_size", type=int, default=32)
     data.add_argument("--data_batches", type=int, default=10, help="Timed batches per setting.")
+    data.add_argument("--pipeline_stages", action="store_true",
+                      help="Also time the stages of one worker's transform per image on one core (open, decode, "
+                           "crop + resize) and PIL's resize of the same crops.")
     data.add_argument("--compare_jpeg_draft", action="store_true",
                       help="Also measure with JPEG draft decoding off.")
     data.add_argument("--decode_on_device", choices=["off", "on", "both"], default="off",
@@ -78,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     try:
         # the input pipeline first, while this process holds no model (its memory figure stays clean)
+        if args.data_dir and args.pipeline_stages:
+            stages = benchmark_transform_stages(args.data_dir, args.image_size, cache_dir=args.cache_dir)
+            results.append(stages)
+            print(f"stages per image, one core: open {stages['open_ms']:.3f} ms, decode {stages['decode_ms']:.3f} ms, "
+                  f"crop + resize {stages['crop_resize_ms']:.3f} ms (PIL's resize: {stages['pil_resize_ms']:.3f} ms); "
+                  f"{stages['img_per_s_one_core']:.0f} img/s", flush=True)
         if args.data_dir:
             on_device = {"off": [False], "on": [True], "both": [False, True]}[args.decode_on_device]
             drafts = [True, False] if args.compare_jpeg_draft else [True]

@@ -11,6 +11,7 @@ from modeling_mfm import MFMConfig
 from modeling_mfm.training.benchmark import (
     benchmark_input_pipeline,
     benchmark_training_step,
+    benchmark_transform_stages,
     training_flops_per_image,
 )
 from modeling_mfm.training.fast_path_check import fast_path_agreement
@@ -49,6 +50,22 @@ def test_input_pipeline_benchmark_counts_images(tmp_path, decode_on_device):
     assert 1 <= result["skipped_images"] <= 2
 
 
+def test_transform_stages_add_up_to_one_workers_time(tmp_path):
+    rng = np.random.default_rng(2)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray((rng.random((300, 400, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.jpg")
+    result = benchmark_transform_stages(str(folder), image_size=64, passes=2, cache_dir=str(tmp_path / "cache"))
+    assert result["folder_images"] == 3
+    stages = [result[f"{name}_ms"] for name in ("open", "decode", "crop_resize")]
+    assert all(value > 0 for value in stages) and result["pil_resize_ms"] > 0
+    assert result["total_ms"] == pytest.approx(sum(stages))
+    assert result["img_per_s_one_core"] == pytest.approx(1000 / result["total_ms"])
+    with pytest.raises(ValueError, match="passes"):
+        benchmark_transform_stages(str(folder), passes=0)
+
+
 def test_benchmark_script_writes_json(tmp_path):
     import importlib.util
     import json
@@ -67,18 +84,21 @@ def test_benchmark_script_writes_json(tmp_path):
         code = module.main(["--models", "mfm-vit-tiny", "--image_size", "32", "--batch_size", "2", "--steps", "1",
                             "--warmup_steps", "0", "--cpu", "--data_dir", str(images), "--num_workers", "0",
                             "--data_batch_size", "2", "--data_batches", "1", "--cache_dir", str(tmp_path / "cache"),
-                            "--decode_on_device", "both", "--plain_baseline",
+                            "--decode_on_device", "both", "--plain_baseline", "--pipeline_stages",
                             "--json", str(tmp_path / "r.json")])
     finally:
         AcceleratorState._reset_state(True)
     assert code == 0
     results = json.loads((tmp_path / "r.json").read_text())
-    assert [r["benchmark"] for r in results] == ["input_pipeline", "input_pipeline", "training_step", "training_step"]
-    assert [r["decode_on_device"] for r in results[:2]] == [False, True]
-    assert results[2]["model"] == "mfm-vit-tiny" and results[2]["img_per_s"] > 0
-    assert [r["formulation"] for r in results[2:]] == ["fast", "plain"]
-    assert results[2]["speedup_over_plain"] == pytest.approx(results[2]["img_per_s"] / results[3]["img_per_s"])
-    assert results[0]["images"] == results[1]["images"] == 2
+    assert [r["benchmark"] for r in results] == ["transform_stages", "input_pipeline", "input_pipeline",
+                                                 "training_step", "training_step"]
+    stages, pipelines, steps = results[0], results[1:3], results[3:]
+    assert stages["folder_images"] == 4 and stages["total_ms"] > 0
+    assert [r["decode_on_device"] for r in pipelines] == [False, True]
+    assert pipelines[0]["images"] == pipelines[1]["images"] == 2
+    assert steps[0]["model"] == "mfm-vit-tiny" and steps[0]["img_per_s"] > 0
+    assert [r["formulation"] for r in steps] == ["fast", "plain"]
+    assert steps[0]["speedup_over_plain"] == pytest.approx(steps[0]["img_per_s"] / steps[1]["img_per_s"])
 
 
 def test_flops_per_image_match_the_transformer_formula():

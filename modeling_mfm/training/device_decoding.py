@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .transforms import PretrainTransform, resized_crop, sample_resized_crop
+from .transforms import PretrainTransform, resized_crop
 
 with warnings.catch_warnings():  # torchvision 0.29 deprecates its image codecs in favour of TorchCodec
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -75,9 +75,7 @@ class DeviceDecodeTransform:
     def __call__(self, image: Image.Image, rng: np.random.Generator) -> EncodedCrop | torch.Tensor:
         if image.format != "JPEG" or image.mode not in DEVICE_JPEG_MODES or getattr(image, "fp", None) is None:
             return self.fallback(image, rng)  # not an RGB JPEG file still encoded: the PIL path
-        width, height = image.size
-        top, left, crop_h, crop_w = sample_resized_crop(width, height, rng, self.fallback.scale, self.fallback.ratio)
-        flip = bool(rng.random() < self.fallback.hflip_probability)
+        (top, left, crop_h, crop_w), flip = self.fallback.draw(image.size, rng)
         return EncodedCrop(_read_encoded(image), top, left, crop_h, crop_w, flip)
 
 
