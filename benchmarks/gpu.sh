@@ -3,8 +3,8 @@
 #
 #   bash benchmarks/gpu.sh IMAGE_FOLDER RESULTS_FOLDER [table|profile|train]
 #
-# table (default, about 6 minutes): the training step eager and compiled, float32, memory at batch 256 with and
-# without gradient checkpointing, the input pipeline. profile (about 5 minutes): torch.profiler tables of the eager
+# table (default, about 6 minutes): the training step eager and compiled, float32, memory at batch 256 and 512 with
+# and without gradient checkpointing, the input pipeline. profile (about 5 minutes): torch.profiler tables of the eager
 # ViT-B/16 and ResNet-50 steps and of the compiled ViT-B/16 step, the step with only the encoder compiled, and the
 # input pipeline for 1 to 15 workers. train (about 5 minutes): pre-training ViT-B/16 on the image folder for 60 steps
 # with PIL workers, with --decode_on_device and compiled: what the training loop achieves on real JPEGs.
@@ -39,10 +39,10 @@ if [ "$mode" = table ]; then
         --data_batches 40 --decode_on_device off --cache_dir /tmp/datasets_cache
     step pipeline_gpu 60 --skip_step --data_dir "$images" --num_workers 1 2 4 --data_batch_size 64 \
         --data_batches 40 --decode_on_device on --cache_dir /tmp/datasets_cache
-    # the float32 baseline, and memory at a larger batch with and without gradient checkpointing
+    # the float32 baseline, and memory at larger batches with and without gradient checkpointing
     step eager_fp32 60 --models mfm-vit-base mfm-resnet50 --batch_size 128 --mixed_precision no
-    step memory_b256 45 --models mfm-vit-base --batch_size 256 --mixed_precision bf16
-    step memory_b256_gc 45 --models mfm-vit-base --batch_size 256 --mixed_precision bf16 --gradient_checkpointing
+    step memory_sweep 75 --models mfm-vit-base --batch_size 256 512 --mixed_precision bf16
+    step memory_sweep_gc 75 --models mfm-vit-base --batch_size 256 512 --mixed_precision bf16 --gradient_checkpointing
 elif [ "$mode" = profile ]; then
     step profile_eager 90 --models mfm-vit-base mfm-resnet50 --batch_size 128 --mixed_precision bf16 \
         --profile_dir "$results"

@@ -2,6 +2,7 @@
 """Throughput, FLOPs, MFU and peak memory of MFM pre-training: the training step and, separately, the input pipeline.
 
     python run_scripts/benchmark.py --models mfm-vit-tiny mfm-vit-base --batch_size 8 --plain_baseline
+    python run_scripts/benchmark.py --models mfm-vit-base --batch_size 64 128 256 512 --mixed_precision bf16
     python run_scripts/benchmark.py --models mfm-vit-base mfm-resnet50 --batch_size 128 --mixed_precision bf16 \
         --torch_compile --peak_tflops 989 --check_fast_path
     python run_scripts/benchmark.py --skip_step --data_dir path/to/jpegs --num_workers 0 1 2 --pipeline_stages
@@ -12,10 +13,13 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import os
 import sys
+
+import torch
 
 from modeling_mfm.configuration_mfm import MFMConfig
 from modeling_mfm.training.benchmark import (
@@ -31,7 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     step = parser.add_argument_group("training step (synthetic images)")
     step.add_argument("--models", nargs="+", default=["mfm-vit-tiny", "mfm-vit-base"], help="Preset names.")
     step.add_argument("--image_size", type=int, default=224)
-    step.add_argument("--batch_size", type=int, default=8, help="Per-device batch of the training step.")
+    step.add_argument("--batch_size", type=int, nargs="+", default=[8],
+                      help="Per-device batch of the training step; several values sweep them (peak memory per "
+                           "batch size; a batch that does not fit in the accelerator's memory is reported as such).")
     step.add_argument("--steps", type=int, default=5, help="Timed steps.")
     step.add_argument("--warmup_steps", type=int, default=2, help="Untimed steps first.")
     step.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
@@ -80,6 +86,48 @@ def print_step(name: str, result: dict) -> None:
           f"{result['mixed_precision']}, {result['threads']} threads)", flush=True)
 
 
+def benchmark_batch_size(args: argparse.Namespace, name: str, config: MFMConfig, batch_size: int,
+                         results: list[dict]) -> None:
+    """The step of one model at one batch size (and its plain baseline when asked); an accelerator running out of
+    memory is recorded and the sweep goes on."""
+    profile_path = None
+    if args.profile_dir:
+        os.makedirs(args.profile_dir, exist_ok=True)
+        variant = f"compiled-{args.compile_scope}" if args.torch_compile else "eager"
+        profile_path = os.path.join(args.profile_dir, f"{name}-b{batch_size}-{args.mixed_precision}-{variant}.txt")
+    try:
+        result = benchmark_training_step(
+            config, batch_size, args.steps, args.warmup_steps, args.mixed_precision, args.torch_compile,
+            args.gradient_checkpointing, args.cpu, args.peak_tflops, compile_scope=args.compile_scope,
+            profile_path=profile_path,
+        )
+    except RuntimeError as error:  # torch.OutOfMemoryError on an accelerator, a RuntimeError on the CPU
+        if not isinstance(error, torch.OutOfMemoryError) and "can't allocate memory" not in str(error):
+            raise
+        result = None
+    if result is None:  # outside the except block, so that the failed step's tensors can be freed
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        results.append({"benchmark": "training_step", "model": name, "batch_size": batch_size,
+                        "out_of_memory": True})
+        print(f"step  {name:<16} batch {batch_size}: out of memory", flush=True)
+        return
+    result["model"] = name
+    results.append(result)
+    print_step(name, result)
+    if args.plain_baseline:
+        plain = benchmark_training_step(
+            config, batch_size, args.steps, args.warmup_steps, gradient_checkpointing=args.gradient_checkpointing,
+            cpu=args.cpu, peak_tflops=args.peak_tflops, plain=True,
+        )
+        plain["model"] = name
+        result["speedup_over_plain"] = result["img_per_s"] / plain["img_per_s"]
+        results.append(plain)
+        print_step(name, plain)
+        print(f"      {name:<16} x{result['speedup_over_plain']:.2f} over the plain float32 formulation", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     results = []
@@ -112,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in args.models:
                 config = MFMConfig.from_preset(name, image_size=args.image_size)
                 if args.check_fast_path:
-                    check = fast_path_agreement(config, min(args.batch_size, 32), args.mixed_precision,
+                    check = fast_path_agreement(config, min(args.batch_size[0], 32), args.mixed_precision,
                                                 args.torch_compile, device="cpu" if args.cpu else None)
                     results.append({"benchmark": "fast_path_check", "model": name, **check})
                     print(f"check {name:<16} loss plain {check['loss_plain']:.6f} fast {check['loss_fast']:.6f} "
@@ -121,31 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                           f"(input rounding alone: {check['grad_cosine_similarity_input_rounded']:.5f})"
                           f"  ({check['device']}, {check['mixed_precision']}, compile {check['torch_compile']})",
                           flush=True)
-                profile_path = None
-                if args.profile_dir:
-                    os.makedirs(args.profile_dir, exist_ok=True)
-                    variant = f"compiled-{args.compile_scope}" if args.torch_compile else "eager"
-                    profile_path = os.path.join(args.profile_dir, f"{name}-{args.mixed_precision}-{variant}.txt")
-                result = benchmark_training_step(
-                    config, args.batch_size, args.steps, args.warmup_steps, args.mixed_precision,
-                    args.torch_compile, args.gradient_checkpointing, args.cpu, args.peak_tflops,
-                    compile_scope=args.compile_scope, profile_path=profile_path,
-                )
-                result["model"] = name
-                results.append(result)
-                print_step(name, result)
-                if args.plain_baseline:
-                    plain = benchmark_training_step(
-                        config, args.batch_size, args.steps, args.warmup_steps,
-                        gradient_checkpointing=args.gradient_checkpointing, cpu=args.cpu,
-                        peak_tflops=args.peak_tflops, plain=True,
-                    )
-                    plain["model"] = name
-                    result["speedup_over_plain"] = result["img_per_s"] / plain["img_per_s"]
-                    results.append(plain)
-                    print_step(name, plain)
-                    print(f"      {name:<16} x{result['speedup_over_plain']:.2f} over the plain float32 formulation",
-                          flush=True)
+                for batch_size in args.batch_size:
+                    benchmark_batch_size(args, name, config, batch_size, results)
     except ValueError as error:
         print(f"benchmark.py: error: {error}", file=sys.stderr)
         return 2

@@ -66,20 +66,42 @@ def test_transform_stages_add_up_to_one_workers_time(tmp_path):
         benchmark_transform_stages(str(folder), passes=0)
 
 
-def test_benchmark_script_writes_json(tmp_path):
+def _benchmark_script():
     import importlib.util
-    import json
     from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "run_scripts" / "benchmark.py"
+    spec = importlib.util.spec_from_file_location("benchmark_script", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_batch_size_sweep_reports_memory_per_batch_and_survives_out_of_memory(tmp_path):
+    import json
+
+    huge = 375_000_000_000_000  # its uint8 images alone would need about 10^18 bytes
+    try:
+        code = _benchmark_script().main(["--models", "mfm-vit-tiny", "--image_size", "32", "--batch_size", "2",
+                                         str(huge), "8", "--steps", "1", "--warmup_steps", "0", "--cpu",
+                                         "--json", str(tmp_path / "sweep.json")])
+    finally:
+        AcceleratorState._reset_state(True)
+    assert code == 0
+    results = json.loads((tmp_path / "sweep.json").read_text())
+    assert [(r["batch_size"], r.get("out_of_memory", False)) for r in results] == [(2, False), (huge, True), (8, False)]
+    assert results[0]["peak_memory_mib"] > 0 and results[2]["peak_memory_mib"] > 0
+
+
+def test_benchmark_script_writes_json(tmp_path):
+    import json
 
     rng = np.random.default_rng(1)
     images = tmp_path / "images"
     images.mkdir()
     for i in range(4):
         Image.fromarray((rng.random((50, 50, 3)) * 255).astype(np.uint8)).save(images / f"{i}.jpg")
-    script = Path(__file__).resolve().parents[1] / "run_scripts" / "benchmark.py"
-    spec = importlib.util.spec_from_file_location("benchmark_script", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _benchmark_script()
     try:
         code = module.main(["--models", "mfm-vit-tiny", "--image_size", "32", "--batch_size", "2", "--steps", "1",
                             "--warmup_steps", "0", "--cpu", "--data_dir", str(images), "--num_workers", "0",

@@ -319,7 +319,7 @@ def benchmark_transform_stages(
                 top, left, height, width = box
                 rgb = Image.fromarray(pixels.permute(1, 2, 0).numpy())
                 resize_start = time.perf_counter()
-                rgb.resize((image_size, image_size), Image.Resampling.BICUBIC, box=(left, top, left + width, top + height))
+                rgb.resize((image_size,) * 2, Image.Resampling.BICUBIC, box=(left, top, left + width, top + height))
                 totals["pil_resize"] += time.perf_counter() - resize_start
                 totals["open"] += opened - start
                 totals["decode"] += decoded - opened
