@@ -15,7 +15,7 @@ from modeling_mfm.training.arguments import (
     parse_backbone_overrides,
     resolve_defaults,
 )
-from modeling_mfm.training.model_factory import build_config, build_model, override_config
+from modeling_mfm.training.model_factory import build_config, build_model, override_config, preferred_memory_format
 
 
 def test_every_config_field_is_a_flag():
@@ -91,3 +91,21 @@ def test_continue_from_a_saved_model(tmp_path, tiny_config_factory):
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="change parameter shapes"):
         build_config(model_name_or_path=str(tmp_path / "model"), overrides={"image_size": 64})
+
+
+def test_cnns_train_channels_last_on_cuda_and_cpu(tiny_config_factory):
+    for backbone in ("resnet", "convnext"):
+        for device in ("cpu", "cuda"):
+            assert preferred_memory_format(tiny_config_factory(backbone), device) == torch.channels_last
+        assert preferred_memory_format(tiny_config_factory(backbone), "mps") == torch.contiguous_format
+    for backbone in ("beit", "vit"):
+        assert preferred_memory_format(tiny_config_factory(backbone), "cpu") == torch.contiguous_format
+    # a CNN moved in that layout computes what the contiguous one does
+    model = build_model(tiny_config_factory("resnet"), None).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = model(images, frequency_mask=torch.ones(2, 32, 32)).reconstruction
+        model.to(memory_format=torch.channels_last)
+        assert model.mfm.backbone.embedder.embedder.convolution.weight.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(model(images, frequency_mask=torch.ones(2, 32, 32)).reconstruction, reference,
+                                   rtol=1e-4, atol=1e-5)
