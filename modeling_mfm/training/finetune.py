@@ -47,6 +47,7 @@ from .hub import LocalHubMirror, push_folder_to_hub
 from .layer_decay import layer_decay_parameter_groups
 from .mixup import MixupCutmix, soft_target_cross_entropy
 from .model_card import render_model_card
+from .model_factory import preferred_memory_format
 from .model_loading import load_classifier
 from .optim import scale_learning_rate
 from .randomness import derive_seed, seeded_device_rng
@@ -306,6 +307,7 @@ def finetune(args: FinetuneArguments) -> dict[str, Any]:
         drop_path_rate=args.drop_path_rate, cache_dir=args.cache_dir,
     )
     config = model.config
+    model.to(memory_format=preferred_memory_format(config, accelerator.device))  # CNNs: channels_last
     eval_set = ClassificationDataset(
         eval_rows, data.image_column, data.label_column,
         build_eval_transform(config.image_size, config.image_mean, config.image_std, args.crop_pct),
@@ -348,7 +350,8 @@ def finetune(args: FinetuneArguments) -> dict[str, Any]:
     groups = layer_decay_parameter_groups(model, args.weight_decay, args.layer_decay, lr=lr)
     for group in groups:
         group.pop("names")
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(args.adam_beta1, args.adam_beta2), eps=1e-8)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(args.adam_beta1, args.adam_beta2), eps=1e-8,
+                                  fused=accelerator.device.type == "cuda")
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
 
     batches_per_epoch = len(train_loader)

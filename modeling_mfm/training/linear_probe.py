@@ -42,6 +42,7 @@ from .classification_data import (
     collate_classification,
 )
 from .classification_metrics import TopKAccuracy
+from .model_factory import preferred_memory_format
 from .model_loading import load_encoder
 from .schedules import WarmupCosineSchedule
 
@@ -240,6 +241,7 @@ def run_linear_probe(args: LinearProbeArguments) -> dict[str, Any]:
         data = args.load_datasets(args.seed)
     encoder = load_encoder(args.model_name_or_path, cache_dir=args.cache_dir)
     config = encoder.config
+    encoder.to(memory_format=preferred_memory_format(config, accelerator.device))  # CNNs: channels_last
     transform = build_eval_transform(config.image_size, config.image_mean, config.image_std, args.crop_pct)
     loaders = []
     for rows, limit in ((data.train, args.max_train_samples), (data.validation, args.max_eval_samples)):
