@@ -93,13 +93,16 @@ def test_continue_from_a_saved_model(tmp_path, tiny_config_factory):
         build_config(model_name_or_path=str(tmp_path / "model"), overrides={"image_size": 64})
 
 
-def test_cnns_train_channels_last_on_cuda_and_cpu(tiny_config_factory):
-    for backbone in ("resnet", "convnext"):
-        for device in ("cpu", "cuda"):
-            assert preferred_memory_format(tiny_config_factory(backbone), device) == torch.channels_last
-        assert preferred_memory_format(tiny_config_factory(backbone), "mps") == torch.contiguous_format
-    for backbone in ("beit", "vit"):
-        assert preferred_memory_format(tiny_config_factory(backbone), "cpu") == torch.contiguous_format
+def test_cnns_train_channels_last_on_cuda_and_resnets_on_cpus_too(tiny_config_factory):
+    expected = {  # backbone: (cuda, cpu, mps)
+        "resnet": (torch.channels_last, torch.channels_last, torch.contiguous_format),
+        "convnext": (torch.channels_last, torch.contiguous_format, torch.contiguous_format),
+        "beit": (torch.contiguous_format,) * 3,
+        "vit": (torch.contiguous_format,) * 3,
+    }
+    for backbone, formats in expected.items():
+        config = tiny_config_factory(backbone)
+        assert tuple(preferred_memory_format(config, device) for device in ("cuda", "cpu", "mps")) == formats
     # a CNN moved in that layout computes what the contiguous one does
     model = build_model(tiny_config_factory("resnet"), None).eval()
     images = torch.randn(2, 3, 32, 32)

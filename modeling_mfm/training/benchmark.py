@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 import statistics
 import time
 from typing import Any
@@ -26,7 +25,7 @@ from .device_decoding import DeviceDecodeTransform, collate_encoded_batches, dec
 from .model_factory import preferred_memory_format
 from .monitoring import describe_hardware, peak_memory_bytes, reset_peak_memory
 from .optim import build_optimizer
-from .plain_step import plain_config, plain_keep_masks, plain_pretraining_loss
+from .plain_step import plain_config, plain_training_step
 from .transforms import PretrainTransform, normalize_on_device
 
 __all__ = [
@@ -100,7 +99,7 @@ def benchmark_training_step(
     peak_tflops: float | None = None,
     compile_scope: str = "model",
     profile_path: str | None = None,
-    plain: bool = False,
+    plain_baseline: bool = False,
 ) -> dict[str, Any]:
     """Images per second and peak memory of the full training step (normalisation on the device, forward with
     frequency masking, frequency loss, backward, gradient clipping, AdamW) on random uint8 images, through
@@ -110,8 +109,9 @@ def benchmark_training_step(
     compiles the whole MFMForPreTraining, "backbone" only its encoder. With ``profile_path``, three more steps run
     under ``torch.profiler`` and the table of the operators' device (or CPU) time is written there.
 
-    ``plain`` times the baseline instead: the same model and loss in the plain float32 formulation of `plain_step`
-    (host-built masks, complex-arithmetic corruption and loss, eager attention, for-loop AdamW)."""
+    ``plain_baseline`` then also builds the same model, with the same initial weights, in the plain float32
+    formulation of `plain_step`, and times it against this step in alternating steps (so that a machine whose speed
+    drifts affects both alike): ``result["plain_baseline"]`` has both rates and the speed-up."""
     from ..modeling_mfm import MFMForPreTraining
 
     if batch_size <= 0 or steps <= 0 or warmup_steps < 0:
@@ -121,10 +121,8 @@ def benchmark_training_step(
         raise ValueError(f"compile_scope must be 'model' or 'backbone', got {compile_scope!r}")
     if peak_tflops is not None and peak_tflops <= 0:
         raise ValueError(f"peak_tflops must be positive, got {peak_tflops}")
-    if plain and (mixed_precision != "no" or torch_compile):
-        raise ValueError("the plain baseline is float32 eager: use it without mixed precision or compilation")
-    if plain:
-        config = plain_config(config)
+    if plain_baseline:
+        plain_config(config)  # refuses what the baseline cannot run, before any work
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
     device = accelerator.device
     flops_per_image = training_flops_per_image(config, batch_size=min(batch_size, 2), device=device)
@@ -132,12 +130,9 @@ def benchmark_training_step(
     model = MFMForPreTraining(config)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    memory_format = torch.contiguous_format if plain else preferred_memory_format(config, device)
+    memory_format = preferred_memory_format(config, device)
     model.to(device, memory_format=memory_format)
-    if plain:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, foreach=False)
-    else:
-        optimizer = build_optimizer(model, lr=1e-4, fused=device.type == "cuda")
+    optimizer = build_optimizer(model, lr=1e-4, fused=device.type == "cuda")
     if torch_compile and compile_scope == "backbone":
         model.mfm.backbone.compile()
     elif torch_compile:
@@ -147,15 +142,9 @@ def benchmark_training_step(
     images = torch.randint(0, 256, (batch_size, config.num_channels, config.image_size, config.image_size),
                            dtype=torch.uint8, device=device)
 
-    host_rng = random.Random(0)
-
     def step() -> torch.Tensor:
-        if plain:
-            keep = plain_keep_masks(config, batch_size, host_rng).to(device)
-            loss = plain_pretraining_loss(model, images.float() / 255.0, keep)
-        else:
-            pixel_values = normalize_on_device(images, config.image_mean, config.image_std)
-            loss = model(pixel_values=pixel_values, return_dict=True).loss
+        pixel_values = normalize_on_device(images, config.image_mean, config.image_std)
+        loss = model(pixel_values=pixel_values, return_dict=True).loss
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), 3.0)
         optimizer.step()
@@ -166,21 +155,19 @@ def benchmark_training_step(
         step()
     _synchronize(device)
     reset_peak_memory(device)
-    step_times = []
+    step_times, loss = [], None
     for _ in range(steps):
-        start = time.perf_counter()
-        loss = step()
-        _synchronize(device)
-        step_times.append(time.perf_counter() - start)
+        seconds, loss = _timed(step, device)
+        step_times.append(seconds)
     if not torch.isfinite(loss):
         raise RuntimeError(f"the benchmarked step produced a non-finite loss ({float(loss)})")
+    peak_memory = peak_memory_bytes(device)
     if profile_path:
         _profile(step, device, profile_path)
     median = statistics.median(step_times)
     img_per_s = batch_size / median
     result = {
         "benchmark": "training_step",
-        "formulation": "plain" if plain else "fast",
         "hardware": describe_hardware(device),
         "device": str(device),
         "image_size": config.image_size,
@@ -198,13 +185,37 @@ def benchmark_training_step(
         "img_per_s": img_per_s,
         "gflops_per_image": flops_per_image / 1e9,
         "achieved_tflops": flops_per_image * img_per_s / 1e12,
-        "peak_memory_mib": peak_memory_bytes(device) / 2**20,
+        "peak_memory_mib": peak_memory / 2**20,
         "threads": torch.get_num_threads(),
     }
     if peak_tflops is not None:
         result["peak_tflops"] = peak_tflops
         result["mfu"] = result["achieved_tflops"] / peak_tflops
+    if plain_baseline:
+        plain_step = plain_training_step(config, images, gradient_checkpointing)
+        for _ in range(warmup_steps):
+            plain_step()
+        fast_times, plain_times = [], []
+        for _ in range(steps):
+            fast_times.append(_timed(step, device)[0])
+            seconds, plain_loss = _timed(plain_step, device)
+            plain_times.append(seconds)
+        fast_median, plain_median = statistics.median(fast_times), statistics.median(plain_times)
+        result["plain_baseline"] = {
+            "img_per_s": batch_size / plain_median,
+            "fast_img_per_s": batch_size / fast_median,  # this step's rate in the same, alternating, window
+            "speedup": plain_median / fast_median,
+            "final_loss": float(plain_loss),
+        }
     return result
+
+
+def _timed(step: Any, device: torch.device) -> tuple[float, torch.Tensor]:
+    """(seconds, loss) of one step, waited for."""
+    start = time.perf_counter()
+    loss = step()
+    _synchronize(device)
+    return time.perf_counter() - start, loss
 
 
 def benchmark_input_pipeline(

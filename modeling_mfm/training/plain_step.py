@@ -13,13 +13,15 @@ from __future__ import annotations
 import copy
 import math
 import random
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from .. import official_reference as reference
+from ..modeling_mfm import MFMForPreTraining
 
-__all__ = ["plain_config", "plain_keep_masks", "plain_pretraining_loss"]
+__all__ = ["plain_config", "plain_keep_masks", "plain_pretraining_loss", "plain_training_step"]
 
 
 def plain_config(config: Any) -> Any:
@@ -53,3 +55,31 @@ def plain_pretraining_loss(model: Any, images: torch.Tensor, keep: torch.Tensor)
     target = (images - mean) / std
     removed = keep if config.loss_on == "masked" else None
     return reference.frequency_loss(reconstruction, target, removed, **reference.loss_options(config))
+
+
+def plain_training_step(
+    config: Any, images: torch.Tensor, gradient_checkpointing: bool = False
+) -> Callable[[], torch.Tensor]:
+    """One training step of the plain formulation on ``images`` (uint8 (B, C, S, S), on the device to run on), as a
+    function returning the loss: the model built after ``torch.manual_seed(0)`` (the weights the package's
+    benchmark starts from), masks drawn on the host, loss, backward, clipping at 3, for-loop AdamW. No autocast and
+    no Accelerate: float32, whatever precision the process's other steps use."""
+    config = plain_config(config)
+    device = images.device
+    torch.manual_seed(0)
+    model = MFMForPreTraining(config).to(device).train()
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, foreach=False)
+    host_rng = random.Random(0)
+
+    def step() -> torch.Tensor:
+        keep = plain_keep_masks(config, images.shape[0], host_rng).to(device)
+        loss = plain_pretraining_loss(model, images.float() / 255.0, keep)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0, foreach=False)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
