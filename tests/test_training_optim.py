@@ -69,10 +69,31 @@ def test_parameter_groups_on_the_real_model(tiny_config_factory):
         assert name in groups["no_decay"]["names"]
 
 
+def test_fused_cpu_adamw_follows_the_per_tensor_loop():
+    import copy
+
+    torch.manual_seed(0)
+    fused_model = ToyViT()
+    loop_model = copy.deepcopy(fused_model)
+    initial = [p.detach().clone() for p in fused_model.parameters()]
+    fused, loop = build_optimizer(fused_model, lr=1e-2), build_optimizer(loop_model, lr=1e-2, fused=False)
+    for step in range(5):
+        for model, optimizer in ((fused_model, fused), (loop_model, loop)):
+            torch.manual_seed(step)
+            for p in model.parameters():
+                p.grad = torch.randn_like(p)
+            optimizer.step()
+    for a, b in zip(fused_model.parameters(), loop_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    trained = [(a, p0) for a, p0 in zip(fused_model.parameters(), initial) if a.requires_grad]
+    assert all((a - p0).abs().max() > 1e-2 for a, p0 in trained)  # the steps did move them
+
+
 def test_build_optimizer():
     optimizer = build_optimizer(ToyViT(), lr=1e-3)
     assert isinstance(optimizer, torch.optim.AdamW)
-    assert optimizer.defaults["betas"] == (0.9, 0.95) and optimizer.defaults["fused"] is False
+    assert optimizer.defaults["betas"] == (0.9, 0.95) and optimizer.defaults["fused"] is True  # CPU kernel
+    assert build_optimizer(ToyViT(), lr=1e-3, fused=False).defaults["fused"] is False
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05, 0.0]
     with pytest.raises(ValueError, match="betas"):
         build_optimizer(ToyViT(), lr=1e-3, betas=(0.9, 1.5))

@@ -132,7 +132,7 @@ def benchmark_training_step(
         model.gradient_checkpointing_enable()
     memory_format = preferred_memory_format(config, device)
     model.to(device, memory_format=memory_format)
-    optimizer = build_optimizer(model, lr=1e-4, fused=device.type == "cuda")
+    optimizer = build_optimizer(model, lr=1e-4)
     if torch_compile and compile_scope == "backbone":
         model.mfm.backbone.compile()
     elif torch_compile:

@@ -49,7 +49,7 @@ from .mixup import MixupCutmix, soft_target_cross_entropy
 from .model_card import render_model_card
 from .model_factory import preferred_memory_format
 from .model_loading import load_classifier
-from .optim import scale_learning_rate
+from .optim import FUSED_ADAMW_DEVICES, scale_learning_rate
 from .randomness import derive_seed, seeded_device_rng
 from .schedules import WarmupCosineSchedule
 from .trackers import JSONLinesTracker
@@ -351,7 +351,7 @@ def finetune(args: FinetuneArguments) -> dict[str, Any]:
     for group in groups:
         group.pop("names")
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(args.adam_beta1, args.adam_beta2), eps=1e-8,
-                                  fused=accelerator.device.type == "cuda")
+                                  fused=accelerator.device.type in FUSED_ADAMW_DEVICES)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
 
     batches_per_epoch = len(train_loader)

@@ -423,7 +423,7 @@ class _PretrainingRun:
         model.to(device, memory_format=preferred_memory_format(setup.config, device))
         optimizer = build_optimizer(
             model, setup.peak_lr, weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2),
-            eps=args.adam_epsilon, fused=device.type == "cuda",
+            eps=args.adam_epsilon,
         )
         scheduler = build_warmup_cosine_scheduler(
             optimizer, setup.total_steps, setup.warmup_steps,
