@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # The GPU measurements behind the README's performance figures, in one run on one H100/H200.
 #
-#   bash benchmarks/gpu.sh IMAGE_FOLDER RESULTS_FOLDER [table|profile|train]
+#   bash benchmarks/gpu.sh IMAGE_FOLDER RESULTS_FOLDER [table|quick|profile|train]
 #
-# table (default, about 6 minutes): the training step eager and compiled, float32, memory at batch 256 and 512 with
-# and without gradient checkpointing, the input pipeline. profile (about 5 minutes): torch.profiler tables of the eager
-# ViT-B/16 and ResNet-50 steps and of the compiled ViT-B/16 step, the step with only the encoder compiled, and the
-# input pipeline for 1 to 15 workers. train (about 5 minutes): pre-training ViT-B/16 on the image folder for 60 steps
-# with PIL workers, with --decode_on_device and compiled: what the training loop achieves on real JPEGs.
+# table (default, about 8 minutes): the training step eager, compiled and compiled with CUDA graphs, float32, memory
+# at batch 256 and 512 with and without gradient checkpointing, the input pipeline. quick (about 6 minutes, for a
+# 15-minute lease): the same less float32, with profiler tables of the eager and compiled steps. profile (about 5
+# minutes): torch.profiler tables of the eager ViT-B/16 and ResNet-50 steps and of the compiled ViT-B/16 step, the
+# step with only the encoder compiled, and the input pipeline for 1 to 15 workers. train (about 5 minutes):
+# pre-training ViT-B/16 on the image folder for 60 steps with PIL workers, with --decode_on_device and compiled: what
+# the training loop achieves on real JPEGs.
 # IMAGE_FOLDER: JPEGs for the input-pipeline figures (ImageNet samples). RESULTS_FOLDER receives one JSON file per
-# group, the profiler tables and the full log. The groups run in order of importance, each under its own time limit.
+# group, the profiler tables and the full log (more files than the device tool brings back one by one: pack them).
+# The groups run in order of importance, each under its own time limit.
 set -u
 images=${1:?image folder}
 results=${2:?results folder}
@@ -34,6 +37,8 @@ if [ "$mode" = table ]; then
     # compilation takes a minute or two per model
     step eager_bf16 120 --models mfm-vit-base mfm-resnet50 --batch_size 128 --mixed_precision bf16 --check_fast_path
     step compiled_bf16 240 --models mfm-vit-base mfm-resnet50 --batch_size 128 --mixed_precision bf16 --torch_compile
+    step compiled_cudagraphs 200 --models mfm-resnet50 mfm-vit-base --batch_size 128 --mixed_precision bf16 \
+        --torch_compile --compile_mode reduce-overhead
     # the input pipeline: PIL in the workers (draft decoding), then decoding on the GPU
     step pipeline_cpu 100 --skip_step --data_dir "$images" --num_workers 1 4 8 15 --data_batch_size 64 \
         --data_batches 40 --decode_on_device off --cache_dir /tmp/datasets_cache
@@ -43,6 +48,20 @@ if [ "$mode" = table ]; then
     step eager_fp32 60 --models mfm-vit-base mfm-resnet50 --batch_size 128 --mixed_precision no
     step memory_sweep 75 --models mfm-vit-base --batch_size 256 512 --mixed_precision bf16
     step memory_sweep_gc 75 --models mfm-vit-base --batch_size 256 512 --mixed_precision bf16 --gradient_checkpointing
+elif [ "$mode" = quick ]; then
+    step eager_bf16 110 --models mfm-vit-base mfm-resnet50 --batch_size 128 --mixed_precision bf16 --check_fast_path \
+        --profile_dir "$results"
+    step compiled_bf16 250 --models mfm-vit-base mfm-resnet50 --batch_size 128 --mixed_precision bf16 --torch_compile \
+        --profile_dir "$results"
+    step compiled_cudagraphs 200 --models mfm-resnet50 mfm-vit-base --batch_size 128 --mixed_precision bf16 \
+        --torch_compile --compile_mode reduce-overhead
+    step pipeline_cpu 70 --skip_step --data_dir "$images" --num_workers 1 8 15 --data_batch_size 64 \
+        --data_batches 40 --decode_on_device off --cache_dir /tmp/datasets_cache
+    step pipeline_gpu 40 --skip_step --data_dir "$images" --num_workers 1 4 --data_batch_size 64 \
+        --data_batches 40 --decode_on_device on --cache_dir /tmp/datasets_cache
+    step memory_sweep 40 --models mfm-vit-base --batch_size 256 512 --mixed_precision bf16 --steps 8
+    step memory_sweep_gc 45 --models mfm-vit-base --batch_size 256 512 --mixed_precision bf16 --steps 8 \
+        --gradient_checkpointing
 elif [ "$mode" = profile ]; then
     step profile_eager 90 --models mfm-vit-base mfm-resnet50 --batch_size 128 --mixed_precision bf16 \
         --profile_dir "$results"
@@ -81,7 +100,7 @@ print(f"img/s (steps 21-60) {summary['img_per_s_steps_21_60']:.0f}, peak {summar
 PYTHON
     done
 else
-    echo "unknown mode $mode (table, profile or train)" >&2
+    echo "unknown mode $mode (quick, table, profile or train)" >&2
     exit 2
 fi
 echo "== done"

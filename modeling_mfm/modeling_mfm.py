@@ -90,7 +90,9 @@ class _UnitLayerScale(float):
     """Stands for BEiT's layer scale when it is off (``layer_scale_init_value`` 0). transformers then keeps the
     float 1.0 and still multiplies every block's two branch outputs by it: a full-size kernel forward and backward,
     which the H100 profile puts at about 4 % of an eager ViT-B step. Multiplying by this 1.0 returns the tensor
-    itself; torch.compile sees a plain 1.0 (a float subclass), whose multiply it fuses away, with no graph break."""
+    itself. torch.compile (2.14 and later) sees a plain 1.0, whose multiply it fuses away, with no graph break;
+    earlier versions break the graph at each multiply (two per block), so there the plain 1.0 stays
+    (`_FLOAT_SUBCLASSES_TRACEABLE`)."""
 
     def __mul__(self, other: torch.Tensor) -> torch.Tensor:
         return other
@@ -101,8 +103,16 @@ class _UnitLayerScale(float):
         return "1.0 (no layer scale)"
 
 
+# torch.compile traces arithmetic on float subclasses from torch 2.14 on; torch 2.11 breaks the graph there (seen on
+# an H100: the compiled ViT-B/16 step ran with 24 eager islands per step).
+_FLOAT_SUBCLASSES_TRACEABLE = torch.__version__ >= "2.14"
+
+
 def _skip_unit_layer_scales(module: nn.Module) -> None:
-    """Replaces the 1.0 layer scales of the BEiT blocks under ``module`` (no parameters change)."""
+    """Replaces the 1.0 layer scales of the BEiT blocks under ``module`` (no parameters change), where
+    torch.compile can trace the replacement."""
+    if not _FLOAT_SUBCLASSES_TRACEABLE:
+        return
     for layer in module.modules():
         if isinstance(layer, BeitLayer):
             for name in ("lambda_1", "lambda_2"):
@@ -205,7 +215,7 @@ class MFMModel(MFMPreTrainedModel):
             eps = getattr(config.backbone_config, "layer_norm_eps", 1e-6)
             self.fc_norm = nn.LayerNorm(config.encoder_hidden_size, eps=eps)
         self.add_pooling_layer = add_pooling_layer
-        # transformers' gradient_checkpointing_enable() flips this; BEiT/ViT layers checkpoint themselves, CNN stages
+        # transformers' activation_checkpointing_enable() flips this; BEiT/ViT layers checkpoint themselves, CNN stages
         # (which transformers does not checkpoint) are checkpointed here.
         self.gradient_checkpointing = False
         self.post_init()

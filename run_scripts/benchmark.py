@@ -22,6 +22,7 @@ import sys
 import torch
 
 from modeling_mfm.configuration_mfm import MFMConfig
+from modeling_mfm.training.arguments import COMPILE_MODES
 from modeling_mfm.training.benchmark import (
     benchmark_input_pipeline,
     benchmark_training_step,
@@ -44,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     step.add_argument("--torch_compile", action="store_true")
     step.add_argument("--compile_scope", choices=["model", "backbone"], default="model",
                       help="With --torch_compile: compile the whole model or only its encoder.")
+    step.add_argument("--compile_mode", choices=COMPILE_MODES, default="default",
+                      help="With --torch_compile: torch.compile's mode (reduce-overhead replays CUDA graphs).")
     step.add_argument("--gradient_checkpointing", action="store_true")
     step.add_argument("--profile_dir",
                       help="Write a torch.profiler table of three more steps per model to this folder.")
@@ -83,7 +86,9 @@ def print_step(name: str, result: dict) -> None:
           f"{result['img_per_s']:8.1f} img/s  {result['step_seconds'] * 1000:8.0f} ms/step  "
           f"{result['gflops_per_image']:7.1f} GFLOP/img  {result['achieved_tflops']:7.2f} TFLOP/s  "
           + (f"MFU {result['mfu']:.1%}  " if "mfu" in result else "")
-          + f"peak {result['peak_memory_mib']:8.0f} MiB  ({result['hardware']}, "
+          + f"peak {result['peak_memory_mib']:8.0f} MiB  "
+          + (f"reserved {result['peak_reserved_mib']:6.0f} MiB  " if "peak_reserved_mib" in result else "")
+          + f"({result['hardware']}, "
           f"{result['mixed_precision']}, {result['threads']} threads)", flush=True)
 
 
@@ -94,13 +99,13 @@ def benchmark_batch_size(args: argparse.Namespace, name: str, config: MFMConfig,
     profile_path = None
     if args.profile_dir:
         os.makedirs(args.profile_dir, exist_ok=True)
-        variant = f"compiled-{args.compile_scope}" if args.torch_compile else "eager"
+        variant = f"compiled-{args.compile_scope}-{args.compile_mode}" if args.torch_compile else "eager"
         profile_path = os.path.join(args.profile_dir, f"{name}-b{batch_size}-{args.mixed_precision}-{variant}.txt")
     try:
         result = benchmark_training_step(
             config, batch_size, args.steps, args.warmup_steps, args.mixed_precision, args.torch_compile,
             args.gradient_checkpointing, args.cpu, args.peak_tflops, compile_scope=args.compile_scope,
-            profile_path=profile_path, plain_baseline=args.plain_baseline,
+            profile_path=profile_path, plain_baseline=args.plain_baseline, compile_mode=args.compile_mode,
         )
     except RuntimeError as error:  # torch.OutOfMemoryError on an accelerator, a RuntimeError on the CPU
         if not isinstance(error, torch.OutOfMemoryError) and "can't allocate memory" not in str(error):

@@ -9,6 +9,8 @@ import torch
 from conftest import TINY_BACKBONES, tiny_config
 
 from modeling_mfm import MFMConfig, MFMForImageClassification, MFMForPreTraining, MFMModel, low_pass_mask
+from modeling_mfm import modeling_mfm as modeling_module
+from modeling_mfm.training.model_factory import enable_activation_checkpointing
 
 GOLDEN = Path(__file__).parent / "fixtures" / "tiny_vit_p16.pt"
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -191,6 +193,7 @@ def _multiplies(step) -> int:
     return sum(event.count for event in profiler.key_averages() if event.key == "aten::mul")
 
 
+@pytest.mark.skipif(not modeling_module._FLOAT_SUBCLASSES_TRACEABLE, reason="this torch keeps the plain 1.0")
 def test_switched_off_layer_scale_costs_no_multiply_and_changes_nothing():
     from transformers import AutoModel
 
@@ -217,6 +220,19 @@ def test_switched_off_layer_scale_costs_no_multiply_and_changes_nothing():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lambdas)
 
 
+def test_torch_that_cannot_trace_the_unit_layer_scale_keeps_the_plain_float(monkeypatch):
+    """torch.compile before 2.14 breaks the graph at each multiply by the float subclass: such a torch keeps
+    transformers' plain 1.0, and the compiled forward stays one graph."""
+    monkeypatch.setattr(modeling_module, "_FLOAT_SUBCLASSES_TRACEABLE", False)
+    model = MFMForPreTraining(tiny_config("beit")).train()
+    scales = [getattr(layer, name) for layer in model.modules() if hasattr(layer, "lambda_1")
+              for name in ("lambda_1", "lambda_2")]
+    assert scales and all(type(scale) is float and scale == 1.0 for scale in scales)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 32, 32))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
 @pytest.mark.parametrize("backbone", ["beit", "vit", "resnet", "convnext"])
 def test_gradient_checkpointing_gives_the_same_gradients(backbone):
     model = MFMForPreTraining(tiny_config(backbone)).train()
@@ -226,7 +242,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(backbone):
     reference = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     model.load_state_dict(state)  # BatchNorm running stats back to the same start
-    model.gradient_checkpointing_enable()
+    enable_activation_checkpointing(model)
+    assert model.mfm.gradient_checkpointing  # CNN stages are checkpointed by MFMModel itself
     model(x, frequency_mask=mask).loss.backward()
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, reference[name], atol=1e-6, rtol=1e-5, msg=name)

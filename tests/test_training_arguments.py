@@ -112,3 +112,16 @@ def test_cnns_train_channels_last_on_cuda_and_resnets_on_cpus_too(tiny_config_fa
         assert model.mfm.backbone.embedder.embedder.convolution.weight.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(model(images, frequency_mask=torch.ones(2, 32, 32)).reconstruction, reference,
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_compile_mode_reaches_accelerate_and_bad_modes_are_refused(capsys):
+    from modeling_mfm.training.pretrain import dynamo_plugin
+
+    args, _ = parse_arguments(["--torch_compile", "--torch_compile_mode", "reduce-overhead"])
+    plugin = dynamo_plugin(args)
+    assert plugin.mode == "reduce-overhead" and plugin.backend.value.lower() == "inductor"
+    assert dynamo_plugin(parse_arguments(["--torch_compile_mode", "reduce-overhead"])[0]) is None  # no --torch_compile
+    assert parse_arguments([])[0].torch_compile_mode == "default"
+    with pytest.raises(SystemExit):
+        parse_arguments(["--torch_compile_mode", "fastest"])
+    assert "invalid choice" in capsys.readouterr().err

@@ -135,3 +135,32 @@ def test_dataloader_with_workers_ships_encoded_samples(tmp_path):
         pixels, _ = decode_batch(batch, 24, "cpu")
         expected = torch.stack([plain[key]["pixel_values"] for key in keys[3 * b : 3 * b + 3]])
         assert (pixels.float() - expected.float()).abs().mean() < 1.0
+
+
+def corrupted_reads(decode, iterations: int = 30, images: int = 16) -> int:
+    """How many reductions read memory that ``decode`` overwrote while they were still queued: each round fills
+    tensors of the decoder's output size with a known value, queues a long kernel and then one sum per tensor, frees
+    the tensors (the caching allocator may hand their blocks on at once: later work on the same stream is ordered),
+    decodes, and compares the sums with the value written."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    data = [torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8) for _ in range(images)]
+    corrupted = 0
+    for _ in range(iterations):
+        filled = [torch.full((3, 256, 256), 7, dtype=torch.uint8, device="cuda") for _ in range(images)]
+        torch.cuda.synchronize()
+        torch.cuda._sleep(50_000_000)  # tens of milliseconds of queued work before the reductions
+        sums = [tensor.sum(dtype=torch.int64) for tensor in filled]
+        del filled
+        decoded = decode(data, "cuda")
+        torch.cuda.synchronize()
+        corrupted += sum(int(value) != 7 * 3 * 256 * 256 for value in sums)
+        del decoded
+    return corrupted
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG needs CUDA")
+def test_cuda_decoding_never_overwrites_memory_queued_kernels_still_read():
+    from modeling_mfm.training.device_decoding import decode_jpegs
+
+    assert corrupted_reads(decode_jpegs) == 0

@@ -22,8 +22,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .data import EpochShuffleSampler, HFImageSource, PretrainingDataset, collate_pixel_batches, load_image_dataset
 from .device_decoding import DeviceDecodeTransform, collate_encoded_batches, decode_batch
-from .model_factory import preferred_memory_format
-from .monitoring import describe_hardware, peak_memory_bytes, reset_peak_memory
+from .model_factory import enable_activation_checkpointing, preferred_memory_format
+from .monitoring import describe_hardware, peak_memory_bytes, peak_reserved_bytes, reset_peak_memory
 from .optim import build_optimizer
 from .plain_step import plain_config, plain_training_step
 from .transforms import PretrainTransform, normalize_on_device
@@ -100,13 +100,15 @@ def benchmark_training_step(
     compile_scope: str = "model",
     profile_path: str | None = None,
     plain_baseline: bool = False,
+    compile_mode: str = "default",
 ) -> dict[str, Any]:
     """Images per second and peak memory of the full training step (normalisation on the device, forward with
     frequency masking, frequency loss, backward, gradient clipping, AdamW) on random uint8 images, through
     Accelerate as in training. ``warmup_steps`` untimed steps come first (allocator, compilation); img/s is the
     median over the timed steps (each step is waited for). With ``peak_tflops`` (the accelerator's dense peak in
     the benchmark's precision) the result has the MFU: FLOPs per image x img/s / peak. ``compile_scope`` "model"
-    compiles the whole MFMForPreTraining, "backbone" only its encoder. With ``profile_path``, three more steps run
+    compiles the whole MFMForPreTraining, "backbone" only its encoder; ``compile_mode`` is torch.compile's mode
+    ("reduce-overhead": CUDA graphs, for steps whose kernels launch faster than Python issues them). With ``profile_path``, three more steps run
     under ``torch.profiler`` and the table of the operators' device (or CPU) time is written there.
 
     ``plain_baseline`` then also builds the same model, with the same initial weights, in the plain float32
@@ -129,14 +131,14 @@ def benchmark_training_step(
     torch.manual_seed(0)
     model = MFMForPreTraining(config)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_activation_checkpointing(model)
     memory_format = preferred_memory_format(config, device)
     model.to(device, memory_format=memory_format)
     optimizer = build_optimizer(model, lr=1e-4)
     if torch_compile and compile_scope == "backbone":
-        model.mfm.backbone.compile()
+        model.mfm.backbone.compile(mode=compile_mode)
     elif torch_compile:
-        model = torch.compile(model)
+        model = torch.compile(model, mode=compile_mode)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     images = torch.randint(0, 256, (batch_size, config.num_channels, config.image_size, config.image_size),
@@ -161,7 +163,7 @@ def benchmark_training_step(
         step_times.append(seconds)
     if not torch.isfinite(loss):
         raise RuntimeError(f"the benchmarked step produced a non-finite loss ({float(loss)})")
-    peak_memory = peak_memory_bytes(device)
+    peak_memory, peak_reserved = peak_memory_bytes(device), peak_reserved_bytes(device)
     if profile_path:
         _profile(step, device, profile_path)
     median = statistics.median(step_times)
@@ -176,6 +178,7 @@ def benchmark_training_step(
         "mixed_precision": accelerator.mixed_precision,
         "torch_compile": torch_compile,
         "compile_scope": compile_scope if torch_compile else None,
+        "compile_mode": compile_mode if torch_compile else None,
         "gradient_checkpointing": gradient_checkpointing,
         "channels_last": memory_format == torch.channels_last,
         "parameters_millions": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
@@ -188,6 +191,8 @@ def benchmark_training_step(
         "peak_memory_mib": peak_memory / 2**20,
         "threads": torch.get_num_threads(),
     }
+    if peak_reserved is not None:
+        result["peak_reserved_mib"] = peak_reserved / 2**20
     if peak_tflops is not None:
         result["peak_tflops"] = peak_tflops
         result["mfu"] = result["achieved_tflops"] / peak_tflops
@@ -233,8 +238,11 @@ def benchmark_input_pipeline(
     """Images per second of the input pipeline alone: a DataLoader over the image folder with the pre-training
     transform (decode, RandomResizedCrop, flip) and the uint8 collation, as in training. With
     ``decode_on_device`` the workers only read the files and draw the crops, and each batch is decoded, cropped
-    and resized on ``device`` (default: the accelerator, else the CPU) inside the timed loop. The first batch
-    (worker start-up) is not timed; a small folder is repeated within one pass so that the workers never drain."""
+    and resized on ``device`` (default: the accelerator, else the CPU) inside the timed loop. The first round of
+    batches (one per worker, all made at once while the workers start) is not timed: the clock starts when the
+    last of them arrives, so that batches made before it do not inflate the rate (with 15 workers and 40 timed
+    batches, timing from the first batch read 8,318 img/s where the workers make about 5,000). A small folder is
+    repeated within one pass so that the workers never drain."""
     if num_workers < 0 or batches <= 0 or batch_size <= 0:
         raise ValueError(f"num_workers must be >= 0, batches and batch_size > 0; got {num_workers}, {batches}, "
                          f"{batch_size}")
@@ -247,14 +255,15 @@ def benchmark_input_pipeline(
         transform = DeviceDecodeTransform(transform)
     # one pass covers every timed batch: a new pass drains and refills the workers' queues, which on a small folder
     # would cap the rate at (images per pass) / (one worker's time per batch) whatever the number of workers
-    repeats = math.ceil((batches + 1) * batch_size / len(dataset))
+    untimed = max(1, num_workers)
+    repeats = math.ceil((batches + untimed) * batch_size / len(dataset))
     data = PretrainingDataset(HFImageSource(dataset, column), transform, seed=seed, repeats=repeats)
     sampler = EpochShuffleSampler(len(data), seed=seed)
     loader = DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=False,
                         collate_fn=collate_encoded_batches if decode_on_device else collate_pixel_batches,
                         persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
                         pin_memory=device.type == "cuda")
-    images, skipped, timed_batches, epoch = 0, 0, -1, 0
+    images, skipped, timed_batches, epoch = 0, 0, -untimed, 0
     start = time.perf_counter()
     peak_rss, in_process = 0, 0.0
     while timed_batches < batches:
@@ -266,9 +275,10 @@ def benchmark_input_pipeline(
             else:
                 pixels, undecodable = batch["pixel_values"].to(device, non_blocking=True), 0
             _synchronize(device)
-            if timed_batches == -1:
-                peak_rss = _process_tree_memory()  # reading the workers' memory is slow: not while timing
-                start = time.perf_counter()  # after the first batch: workers are up
+            if timed_batches < 0:
+                if timed_batches == -1:  # the last batch of the first round: the workers are up and busy
+                    peak_rss = _process_tree_memory()  # reading the workers' memory is slow: not while timing
+                    start = time.perf_counter()
             else:
                 images += pixels.shape[0]
                 skipped += int(batch["skipped"]) + undecodable

@@ -12,6 +12,13 @@ path in the worker and travel decoded in the same batch.
 
 Crop boxes and flips travel as Python lists, not tensors: the device code slices with them, and tensors moved to
 the accelerator would have to be read back (a host-device synchronisation per image).
+
+On CUDA the decoder runs under a stream of its own (`decode_jpegs`). torchvision's nvJPEG decoder allocates its
+outputs on the current stream but writes them from a private stream that does not wait for the current one; the
+caching allocator hands it blocks that kernels still queued on the training stream (the last step's backward and
+optimizer) are about to read, and the decoder overwrites them: parameters turn to NaN a few steps into training
+(seen on an H100, 2026-11). Under a stream that runs no kernels, the decoder only gets blocks that stream freed, and
+`Tensor.record_stream` keeps each image's block from returning to it while the training stream still uses it.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ with warnings.catch_warnings():  # torchvision 0.29 deprecates its image codecs 
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DeviceDecodeTransform", "EncodedCrop", "collate_encoded_batches", "decode_batch"]
+__all__ = ["DeviceDecodeTransform", "EncodedCrop", "collate_encoded_batches", "decode_batch", "decode_jpegs"]
 
 # JPEG modes nvJPEG decodes to RGB as libjpeg does (YCbCr colour); the others go through PIL in the worker.
 DEVICE_JPEG_MODES = frozenset({"RGB"})
@@ -98,12 +105,35 @@ def collate_encoded_batches(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+_DECODE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def decode_jpegs(data: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
+    """JPEG bytes (1-D ``uint8`` CPU tensors) -> RGB ``uint8`` (3, H, W) images on ``device``, decoded in one
+    batched call; on CUDA safe for the kernels queued on the current stream (see the module docstring)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    consumer = torch.cuda.current_stream(device)
+    decoder_stream = _DECODE_STREAMS.get(device)
+    if decoder_stream is None:
+        decoder_stream = _DECODE_STREAMS[device] = torch.cuda.Stream(device)
+    with torch.cuda.stream(decoder_stream):
+        images = list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+    consumer.wait_stream(decoder_stream)
+    for image in images:
+        image.record_stream(consumer)
+    return images
+
+
 def _decode_all(crops: list[EncodedCrop], device: torch.device) -> list[torch.Tensor | None]:
     """Decodes the JPEGs on ``device`` in one batched call; if that fails (one corrupt file fails the whole
     batch), decodes them one by one, on the device then on the CPU, and returns None for the unreadable ones."""
     tensors = [torch.frombuffer(bytearray(crop.data), dtype=torch.uint8) for crop in crops]
     try:
-        return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))
+        return list(decode_jpegs(tensors, device))
     except RuntimeError:
         pass
     images: list[torch.Tensor | None] = []
@@ -111,7 +141,7 @@ def _decode_all(crops: list[EncodedCrop], device: torch.device) -> list[torch.Te
         image = None
         for target in dict.fromkeys([device, torch.device("cpu")]):
             try:
-                image = decode_jpeg(tensor, mode=ImageReadMode.RGB, device=target).to(device)
+                image = decode_jpegs([tensor], target)[0].to(device)
                 break
             except RuntimeError:
                 continue

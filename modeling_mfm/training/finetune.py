@@ -47,7 +47,7 @@ from .hub import LocalHubMirror, push_folder_to_hub
 from .layer_decay import layer_decay_parameter_groups
 from .mixup import MixupCutmix, soft_target_cross_entropy
 from .model_card import render_model_card
-from .model_factory import preferred_memory_format
+from .model_factory import enable_activation_checkpointing, preferred_memory_format
 from .model_loading import load_classifier
 from .optim import FUSED_ADAMW_DEVICES, scale_learning_rate
 from .randomness import derive_seed, seeded_device_rng
@@ -328,7 +328,7 @@ def finetune(args: FinetuneArguments) -> dict[str, Any]:
         return results
 
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_activation_checkpointing(model)
     train_set = ClassificationDataset(
         train_rows, data.image_column, data.label_column,
         build_train_transform(config.image_size, config.image_mean, config.image_std, args.auto_augment,

@@ -11,7 +11,14 @@ import torch
 from ..configuration_mfm import VIT_FAMILY, MFMConfig
 from ..modeling_mfm import MFMForPreTraining
 
-__all__ = ["ARCHITECTURE_FIELDS", "build_config", "build_model", "override_config", "preferred_memory_format"]
+__all__ = [
+    "ARCHITECTURE_FIELDS",
+    "build_config",
+    "build_model",
+    "enable_activation_checkpointing",
+    "override_config",
+    "preferred_memory_format",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +79,13 @@ def build_model(config: MFMConfig, model_name_or_path: str | None = None) -> MFM
     if model_name_or_path:
         return MFMForPreTraining.from_pretrained(model_name_or_path, config=config)
     return MFMForPreTraining(config)
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute activations in the backward: transformers' ``activation_checkpointing_enable`` (5.24 and later),
+    else its older name ``gradient_checkpointing_enable``, deprecated since."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
 
 
 def preferred_memory_format(config: MFMConfig, device: torch.device | str) -> torch.memory_format:

@@ -20,6 +20,7 @@ import torch
 
 from .. import official_reference as reference
 from ..modeling_mfm import MFMForPreTraining
+from .model_factory import enable_activation_checkpointing
 
 __all__ = ["plain_config", "plain_keep_masks", "plain_pretraining_loss", "plain_training_step"]
 
@@ -69,7 +70,7 @@ def plain_training_step(
     torch.manual_seed(0)
     model = MFMForPreTraining(config).to(device).train()
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_activation_checkpointing(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, foreach=False)
     host_rng = random.Random(0)
 

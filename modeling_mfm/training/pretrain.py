@@ -67,7 +67,7 @@ from .data import (
 from .device_decoding import DeviceDecodeTransform, collate_encoded_batches, decode_batch
 from .hub import LocalHubMirror, push_folder_to_hub
 from .model_card import render_model_card
-from .model_factory import build_config, build_model, preferred_memory_format
+from .model_factory import build_config, build_model, enable_activation_checkpointing, preferred_memory_format
 from .monitoring import describe_hardware, peak_memory_bytes
 from .optim import build_optimizer, scale_learning_rate
 from .randomness import derive_seed, global_micro_batch_index, seeded_device_rng
@@ -77,7 +77,7 @@ from .trackers import JSONLinesTracker
 from .transforms import DEFAULT_CROP_RATIO, PretrainTransform, normalize_on_device
 from .visualization import predict_fixed_batch, reconstruction_grid, save_png
 
-__all__ = ["NonFiniteLossError", "PretrainingArgumentError", "PretrainingResult", "run_pretraining"]
+__all__ = ["NonFiniteLossError", "PretrainingArgumentError", "PretrainingResult", "dynamo_plugin", "run_pretraining"]
 
 logger = logging.getLogger(__name__)
 
@@ -323,7 +323,13 @@ def _hyperparameters(setup: _Setup, accelerator: Accelerator) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------- the run
-# ---------------------------------------------------------------------------------------------------- the run
+def dynamo_plugin(args: PretrainingArguments) -> TorchDynamoPlugin | None:
+    """Accelerate's torch.compile settings for ``--torch_compile`` (backend and mode), None without it."""
+    if not args.torch_compile:
+        return None
+    return TorchDynamoPlugin(backend=args.torch_compile_backend, mode=args.torch_compile_mode)
+
+
 def run_pretraining(args: PretrainingArguments, config_overrides: dict[str, Any] | None = None) -> PretrainingResult:
     """Pre-trains an MFMForPreTraining as the arguments say and writes the model, its card and pictures."""
     args = resolve_defaults(args)
@@ -340,7 +346,7 @@ def run_pretraining(args: PretrainingArguments, config_overrides: dict[str, Any]
         step_scheduler_with_optimizer=False,  # stepped once per optimizer step, whatever the number of processes
         # batches come from pinned memory on CUDA: copy them to the device without blocking
         dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()),
-        dynamo_plugin=TorchDynamoPlugin(backend=args.torch_compile_backend) if args.torch_compile else None,
+        dynamo_plugin=dynamo_plugin(args),
     )
     if accelerator.device.type == "cpu" and args.cpu_threads is not None:
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
@@ -419,7 +425,7 @@ class _PretrainingRun:
         set_seed(args.seed)  # identical initialisation on every process
         model = build_model(setup.config, args.model_name_or_path)
         if args.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            enable_activation_checkpointing(model)
         model.to(device, memory_format=preferred_memory_format(setup.config, device))
         optimizer = build_optimizer(
             model, setup.peak_lr, weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2),
