@@ -381,4 +381,4 @@ class MFMConfig(PreTrainedConfig):
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
 
-__all__ = ["MFMConfig", "PRESETS"]
+__all__ = ["PRESETS", "MFMConfig"]

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers.masking_utils
+from conftest import tiny_config
 from transformers import AutoModel
 
-from conftest import tiny_config
 from modeling_mfm import MFMForPreTraining, MFMModel
 from modeling_mfm.image_attention import IMAGE_SDPA, image_attention_implementation
 

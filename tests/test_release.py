@@ -105,7 +105,7 @@ def test_dry_run_prints_the_plan_and_contacts_nothing(folder, capsys):
     printed = capsys.readouterr().out
     assert "would create me/mfm-tiny" in printed
     for name in EXPECTED_FILES:
-        assert re.search(rf"^  {re.escape(name)}  \(\d+ bytes\)$", printed, re.M), name
+        assert re.search(rf"^  {re.escape(name)}  \(\d+ bytes\)$", printed, re.MULTILINE), name
 
 
 def test_incomplete_folders_are_refused(folder):
@@ -159,7 +159,7 @@ def test_convert_cli_push_dry_run_writes_a_card(tmp_path, capsys):
 
 
 def _code_blocks(markdown: str) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", markdown, re.S)
+    return re.findall(r"```python\n(.*?)```", markdown, re.DOTALL)
 
 
 def test_pretraining_card_snippets_run_against_the_converted_folder(folder, monkeypatch):

@@ -21,13 +21,12 @@ import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from conftest import tiny_config
 from PIL import Image
 from safetensors.torch import load_file
 
 from modeling_mfm import MFMForPreTraining
 from modeling_mfm.training.trackers import read_metrics
-
-from conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "run_scripts" / "run_pretrain.py"

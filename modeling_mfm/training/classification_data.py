@@ -51,9 +51,9 @@ from .transforms import to_rgb
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "ClassificationDataArguments",
     "DEFAULT_AUTO_AUGMENT",
     "ClassificationData",
+    "ClassificationDataArguments",
     "ClassificationDataset",
     "build_eval_transform",
     "build_train_transform",

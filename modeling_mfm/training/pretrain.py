@@ -598,7 +598,7 @@ class _PretrainingRun:
     # ---- outputs
     def write_outputs(self) -> PretrainingResult:
         """The final model (save_pretrained, with its image processor), the picture, the model card and the push."""
-        args, setup, accelerator = self.args, self.setup, self.accelerator
+        args, accelerator = self.args, self.accelerator
         accelerator.wait_for_everyone()
         if self.completed_steps > 0:
             self.visualize(self.completed_steps)

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 __all__ = [
-    "DEFAULT_CROP_SCALE",
     "DEFAULT_CROP_RATIO",
+    "DEFAULT_CROP_SCALE",
     "PretrainTransform",
     "normalize_on_device",
     "resized_crop",
