@@ -3,8 +3,8 @@
 #
 #   bash benchmarks/gpu.sh IMAGE_FOLDER RESULTS_FOLDER [table|quick|profile|train]
 #
-# table (default, about 8 minutes): the training step eager, compiled and compiled with CUDA graphs, float32, memory
-# at batch 256 and 512 with and without gradient checkpointing, the input pipeline. quick (about 6 minutes, for a
+# table (default, about 9 minutes): the training step eager, compiled and compiled with CUDA graphs, float32, memory
+# at batch 256 and 512 with and without gradient checkpointing, the input pipeline. quick (about 7 minutes, for a
 # 15-minute lease): the same less float32, with profiler tables of the eager and compiled steps. profile (about 5
 # minutes): torch.profiler tables of the eager ViT-B/16 and ResNet-50 steps and of the compiled ViT-B/16 step, the
 # step with only the encoder compiled, and the input pipeline for 1 to 15 workers. train (about 5 minutes):
@@ -37,7 +37,7 @@ if [ "$mode" = table ]; then
     # compilation takes a minute or two per model
     step eager_bf16 120 --models mfm-vit-base mfm-resnet50 --batch_size 128 --mixed_precision bf16 --check_fast_path
     step compiled_bf16 240 --models mfm-vit-base mfm-resnet50 --batch_size 128 --mixed_precision bf16 --torch_compile
-    step compiled_cudagraphs 200 --models mfm-resnet50 mfm-vit-base --batch_size 128 --mixed_precision bf16 \
+    step compiled_cudagraphs 260 --models mfm-resnet50 mfm-vit-base --batch_size 128 256 --mixed_precision bf16 \
         --torch_compile --compile_mode reduce-overhead
     # the input pipeline: PIL in the workers (draft decoding), then decoding on the GPU
     step pipeline_cpu 100 --skip_step --data_dir "$images" --num_workers 1 4 8 15 --data_batch_size 64 \
@@ -53,7 +53,7 @@ elif [ "$mode" = quick ]; then
         --profile_dir "$results"
     step compiled_bf16 250 --models mfm-vit-base mfm-resnet50 --batch_size 128 --mixed_precision bf16 --torch_compile \
         --profile_dir "$results"
-    step compiled_cudagraphs 200 --models mfm-resnet50 mfm-vit-base --batch_size 128 --mixed_precision bf16 \
+    step compiled_cudagraphs 260 --models mfm-resnet50 mfm-vit-base --batch_size 128 256 --mixed_precision bf16 \
         --torch_compile --compile_mode reduce-overhead
     step pipeline_cpu 70 --skip_step --data_dir "$images" --num_workers 1 8 15 --data_batch_size 64 \
         --data_batches 40 --decode_on_device off --cache_dir /tmp/datasets_cache
