@@ -82,8 +82,8 @@ def build_model(config: MFMConfig, model_name_or_path: str | None = None) -> MFM
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:
-    """Recompute activations in the backward: transformers' ``activation_checkpointing_enable`` (5.24 and later),
-    else its older name ``gradient_checkpointing_enable``, deprecated since."""
+    """Recompute activations in the backward: transformers' ``activation_checkpointing_enable`` where it exists,
+    else its older name ``gradient_checkpointing_enable`` (deprecated in transformers 5.24)."""
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable()
 
