@@ -4,12 +4,12 @@
 #   bash benchmarks/gpu.sh IMAGE_FOLDER RESULTS_FOLDER [table|quick|profile|train]
 #
 # table (default, about 9 minutes): the training step eager, compiled and compiled with CUDA graphs, float32, memory
-# at batch 256 and 512 with and without gradient checkpointing, the input pipeline. quick (about 7 minutes, for a
-# 15-minute lease): the same less float32, with profiler tables of the eager and compiled steps. profile (about 5
-# minutes): torch.profiler tables of the eager ViT-B/16 and ResNet-50 steps and of the compiled ViT-B/16 step, the
-# step with only the encoder compiled, and the input pipeline for 1 to 15 workers. train (about 5 minutes):
-# pre-training ViT-B/16 on the image folder for 60 steps with PIL workers, with --decode_on_device and compiled: what
-# the training loop achieves on real JPEGs.
+# at batch 256 and 512 with and without gradient checkpointing, the input pipeline. quick (about 9 minutes, for a
+# 15-minute lease): the same less float32 and the default-mode compile, with the eager profiler tables and
+# benchmarks/bf16_residual_probe.py. profile (about 5 minutes): torch.profiler tables of the eager ViT-B/16 and
+# ResNet-50 steps and of the compiled ViT-B/16 step, the step with only the encoder compiled, and the input pipeline
+# for 1 to 15 workers. train (about 5 minutes): pre-training ViT-B/16 on the image folder for 60 steps with PIL
+# workers, with --decode_on_device and compiled: what the training loop achieves on real JPEGs.
 # IMAGE_FOLDER: JPEGs for the input-pipeline figures (ImageNet samples). RESULTS_FOLDER receives one JSON file per
 # group, the profiler tables and the full log (more files than the device tool brings back one by one: pack them).
 # The groups run in order of importance, each under its own time limit.
@@ -51,10 +51,12 @@ if [ "$mode" = table ]; then
 elif [ "$mode" = quick ]; then
     step eager_bf16 110 --models mfm-vit-base mfm-resnet50 --batch_size 128 --mixed_precision bf16 --check_fast_path \
         --profile_dir "$results"
-    step compiled_bf16 250 --models mfm-vit-base mfm-resnet50 --batch_size 128 --mixed_precision bf16 --torch_compile \
-        --profile_dir "$results"
     step compiled_cudagraphs 260 --models mfm-resnet50 mfm-vit-base --batch_size 128 256 --mixed_precision bf16 \
         --torch_compile --compile_mode reduce-overhead
+    echo "== bf16_residual_probe"
+    timeout 180 python benchmarks/bf16_residual_probe.py > "$results/bf16_residual_probe.txt" 2>&1 \
+        || echo "!! bf16_residual_probe failed or timed out ($?)"
+    grep -E "^(float32|bf16)" "$results/bf16_residual_probe.txt"
     step pipeline_cpu 70 --skip_step --data_dir "$images" --num_workers 1 8 15 --data_batch_size 64 \
         --data_batches 40 --decode_on_device off --cache_dir /tmp/datasets_cache
     step pipeline_gpu 40 --skip_step --data_dir "$images" --num_workers 1 4 --data_batch_size 64 \
