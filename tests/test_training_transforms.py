@@ -169,3 +169,46 @@ def test_transform_is_a_function_of_the_generator():
     c = transform(image, np.random.default_rng([1, 2, 4]))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert math.isclose(a.float().mean().item(), b.float().mean().item())
+
+
+def _jpeg_file(folder, array: np.ndarray, mode: str | None = None) -> str:
+    path = str(folder / f"image_{mode or 'rgb'}.jpg")
+    image = Image.fromarray(array)
+    (image.convert(mode) if mode else image).save(path, quality=90)
+    return path
+
+
+@pytest.mark.parametrize("mode", [None, "L"])
+def test_full_size_jpegs_skip_pil_and_give_its_pixels(tmp_path, mode):
+    path = _jpeg_file(tmp_path, (np.random.default_rng(5).random((61, 83, 3)) * 255).astype(np.uint8), mode)
+    expected = torch.from_numpy(np.array(Image.open(path).convert("RGB")))
+    box = (5, 7, 40, 50)  # downscaled less than 2x: no draft, a full-size decode
+    with Image.open(path) as image:
+        pixels, decoded_box = PretrainTransform(32, jpeg_draft=True).decode(image, box)
+        assert image.tile, "PIL decoded the image: the libjpeg-turbo path was not taken"
+    assert image.fp is None  # the with-block closed the file PIL had opened
+    assert decoded_box == box
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 61, 83)
+    assert torch.equal(pixels.permute(1, 2, 0), expected)
+    assert pixels.permute(1, 2, 0).is_contiguous()  # height x width x 3 memory, as PIL's
+
+
+def test_cmyk_and_loaded_jpegs_are_decoded_by_pil(tmp_path):
+    array = (np.random.default_rng(6).random((40, 48, 3)) * 255).astype(np.uint8)
+    transform = PretrainTransform(32, jpeg_draft=True)
+    for path in (_jpeg_file(tmp_path, array, "CMYK"), _jpeg_file(tmp_path, array)):
+        expected = torch.from_numpy(np.array(Image.open(path).convert("RGB")))
+        with Image.open(path) as image:
+            if image.mode == "RGB":
+                image.load()  # an image already in memory is not decoded again
+            pixels, _ = transform.decode(image, (0, 0, 40, 48))
+            assert not image.tile
+        assert torch.equal(pixels.permute(1, 2, 0), expected)
+
+
+def test_truncated_full_size_jpeg_raises_oserror():
+    buffer = io.BytesIO()
+    Image.fromarray((np.random.default_rng(7).random((64, 64, 3)) * 255).astype(np.uint8)).save(buffer, "JPEG")
+    truncated = Image.open(io.BytesIO(buffer.getvalue()[: len(buffer.getvalue()) // 2]))
+    with pytest.raises(OSError, match="cannot decode the JPEG: .*truncated"):
+        PretrainTransform(48).decode(truncated, (0, 0, 64, 64))  # no draft: the libjpeg-turbo path

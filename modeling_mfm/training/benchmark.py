@@ -331,10 +331,10 @@ def benchmark_transform_stages(
             totals = {"open": 0.0, "decode": 0.0, "crop_resize": 0.0, "pil_resize": 0.0}
             for index in range(len(source)):
                 start = time.perf_counter()
-                image = source.open(index)
-                opened = time.perf_counter()
-                box, flip = transform.draw(image.size, np.random.default_rng(index))
-                pixels, box = transform.decode(image, box)
+                with source.open(index) as image:
+                    opened = time.perf_counter()
+                    box, flip = transform.draw(image.size, np.random.default_rng(index))
+                    pixels, box = transform.decode(image, box)
                 decoded = time.perf_counter()
                 transform.crop(pixels, box, flip)
                 cropped = time.perf_counter()

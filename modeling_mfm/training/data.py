@@ -190,7 +190,8 @@ class PretrainingDataset(Dataset):
     def load(self, epoch: int, index: int) -> torch.Tensor:
         """Decodes and augments one sample (raises if the image is unreadable)."""
         rng = np.random.default_rng([self.seed, epoch, index])
-        return self.transform(self.source.open(index % len(self.source)), rng)
+        with self.source.open(index % len(self.source)) as image:  # closes a file PIL opened, decoded or not
+            return self.transform(image, rng)
 
     def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
         epoch, index = key if isinstance(key, tuple) else (0, int(key))
@@ -244,7 +245,8 @@ class StreamingPretrainingDataset(IterableDataset):
                 produced += 1
                 rng = np.random.default_rng([self.seed, self.rank, worker, epoch, position])
                 try:
-                    pixels = self.transform(open_image(row[self.column]), rng)
+                    with open_image(row[self.column]) as image:
+                        pixels = self.transform(image, rng)
                 except Exception as error:
                     skipped += 1
                     if skipped >= MAX_CONSECUTIVE_FAILURES:
