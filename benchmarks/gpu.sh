@@ -5,10 +5,10 @@
 #
 # table (default, about 9 minutes): the training step eager, compiled and compiled with CUDA graphs, float32, memory
 # at batch 256 and 512 with and without gradient checkpointing, the input pipeline. quick (about 9 minutes, for a
-# 15-minute lease): the same less float32 and the default-mode compile, with the eager profiler tables and
-# benchmarks/bf16_residual_probe.py. profile (about 5 minutes): torch.profiler tables of the eager ViT-B/16 and
-# ResNet-50 steps and of the compiled ViT-B/16 step, the step with only the encoder compiled, and the input pipeline
-# for 1 to 15 workers. train (about 5 minutes): pre-training ViT-B/16 on the image folder for 60 steps with PIL
+# 15-minute lease): benchmarks/vit_step_variants.py (the ViT-B/16 candidates, compiled, and the attention kernels),
+# ResNet-50 with CUDA graphs at batch 128 and 256, and the PIL workers. profile (about 5 minutes): torch.profiler
+# tables of the eager ViT-B/16 and ResNet-50 steps and of the compiled ViT-B/16 step, the step with only the encoder
+# compiled, and the input pipeline for 1 to 15 workers. train (about 5 minutes): pre-training ViT-B/16 on the image folder for 60 steps with PIL
 # workers, with --decode_on_device and compiled: what the training loop achieves on real JPEGs.
 # IMAGE_FOLDER: JPEGs for the input-pipeline figures (ImageNet samples). RESULTS_FOLDER receives one JSON file per
 # group, the profiler tables and the full log (more files than the device tool brings back one by one: pack them).
@@ -49,21 +49,24 @@ if [ "$mode" = table ]; then
     step memory_sweep 75 --models mfm-vit-base --batch_size 256 512 --mixed_precision bf16
     step memory_sweep_gc 75 --models mfm-vit-base --batch_size 256 512 --mixed_precision bf16 --gradient_checkpointing
 elif [ "$mode" = quick ]; then
-    step eager_bf16 110 --models mfm-vit-base mfm-resnet50 --batch_size 128 --mixed_precision bf16 --check_fast_path \
-        --profile_dir "$results"
-    step compiled_cudagraphs 260 --models mfm-resnet50 mfm-vit-base --batch_size 128 256 --mixed_precision bf16 \
-        --torch_compile --compile_mode reduce-overhead
-    echo "== bf16_residual_probe"
-    timeout 180 python benchmarks/bf16_residual_probe.py > "$results/bf16_residual_probe.txt" 2>&1 \
-        || echo "!! bf16_residual_probe failed or timed out ($?)"
-    grep -E "^(float32|bf16)" "$results/bf16_residual_probe.txt"
+    # the ViT-B/16 candidates for 3,500 img/s, compiled, side by side with their agreement with float32 (a minute
+    # or so of compilation each), then the attention kernels in the eager step
+    probe() {  # name, seconds allowed, arguments...
+        local name=$1 seconds=$2
+        shift 2
+        echo "== $name"
+        timeout "$seconds" python benchmarks/vit_step_variants.py "$@" > "$results/$name.txt" 2>&1 \
+            || echo "!! $name failed or timed out ($?)"
+        grep -E "img/s|FAILED|^float32|^mfm" "$results/$name.txt"
+    }
+    probe vit_step_variants 330
+    probe vit_attention_kernels 90 --eager --variants autocast flash cudnn efficient
+    # ResNet-50 with CUDA graphs at two batch sizes (the reserved peak includes the graphs' pool)
+    step resnet_cudagraphs 150 --models mfm-resnet50 --batch_size 128 256 --mixed_precision bf16 --torch_compile \
+        --compile_mode reduce-overhead
+    # the PIL workers with libjpeg-turbo decoding, timed from the end of the workers' first round of batches
     step pipeline_cpu 70 --skip_step --data_dir "$images" --num_workers 1 8 15 --data_batch_size 64 \
         --data_batches 40 --decode_on_device off --cache_dir /tmp/datasets_cache
-    step pipeline_gpu 40 --skip_step --data_dir "$images" --num_workers 1 4 --data_batch_size 64 \
-        --data_batches 40 --decode_on_device on --cache_dir /tmp/datasets_cache
-    step memory_sweep 40 --models mfm-vit-base --batch_size 256 512 --mixed_precision bf16 --steps 8
-    step memory_sweep_gc 45 --models mfm-vit-base --batch_size 256 512 --mixed_precision bf16 --steps 8 \
-        --gradient_checkpointing
 elif [ "$mode" = profile ]; then
     step profile_eager 90 --models mfm-vit-base mfm-resnet50 --batch_size 128 --mixed_precision bf16 \
         --profile_dir "$results"

@@ -27,6 +27,8 @@ def test_training_step_benchmark(tiny_config_factory):
     assert result["img_per_s"] == pytest.approx(2 / result["step_seconds"])
     assert result["mfu"] == pytest.approx(result["gflops_per_image"] * 1e9 * result["img_per_s"] / 1e12)
     assert result["parameters_millions"] > 0
+    # one warm-up step, timed apart from the median (with torch.compile it holds the compilation)
+    assert 0 < result["warmup_seconds"] < 20 * max(result["step_seconds_mean"], 0.05)
     with pytest.raises(ValueError, match="batch_size"):
         benchmark_training_step(tiny_config_factory("beit"), batch_size=0)
 

@@ -154,9 +154,11 @@ def benchmark_training_step(
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
+    warmup_start = time.perf_counter()
     for _ in range(warmup_steps):
         step()
     _synchronize(device)
+    warmup_seconds = time.perf_counter() - warmup_start  # with torch.compile, mostly compilation
     reset_peak_memory(device)
     step_times, loss = [], None
     for _ in range(steps):
@@ -186,6 +188,7 @@ def benchmark_training_step(
         "final_loss": float(loss),
         "step_seconds": median,
         "step_seconds_mean": sum(step_times) / steps,
+        "warmup_seconds": warmup_seconds,
         "img_per_s": img_per_s,
         "gflops_per_image": flops_per_image / 1e9,
         "achieved_tflops": flops_per_image * img_per_s / 1e12,
