@@ -72,7 +72,8 @@ def test_load_image_folder_keeps_only_undecoded_images(tmp_path):
     assert column == "image" and dataset.column_names == ["image"] and len(dataset) == 5
     row = dataset[0]["image"]
     assert isinstance(row, dict) and row["path"].endswith(".jpg")  # decoding is ours
-    assert open_image(row).size[1] >= 24
+    with open_image(row) as image:
+        assert image.size[1] >= 24
 
 
 def test_load_image_folder_errors(tmp_path):

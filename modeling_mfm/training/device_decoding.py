@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .transforms import PretrainTransform, resized_crop
+from .transforms import PretrainTransform, read_encoded, resized_crop
 
 with warnings.catch_warnings():  # torchvision 0.29 deprecates its image codecs in favour of TorchCodec
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -59,15 +59,6 @@ class EncodedCrop:
     flip: bool
 
 
-def _read_encoded(image: Image.Image) -> bytes:
-    """The bytes of a lazily opened image file (``Image.open`` keeps the file object until the pixels are
-    loaded); the file is closed afterwards."""
-    image.fp.seek(0)
-    data = image.fp.read()
-    image.close()
-    return data
-
-
 class DeviceDecodeTransform:
     """Worker side of device decoding: opened PIL image -> `EncodedCrop` for RGB JPEGs, else the decoded
     ``uint8`` tensor of ``fallback`` (the PIL path, same crop distribution)."""
@@ -83,7 +74,7 @@ class DeviceDecodeTransform:
         if image.format != "JPEG" or image.mode not in DEVICE_JPEG_MODES or getattr(image, "fp", None) is None:
             return self.fallback(image, rng)  # not an RGB JPEG file still encoded: the PIL path
         (top, left, crop_h, crop_w), flip = self.fallback.draw(image.size, rng)
-        return EncodedCrop(_read_encoded(image), top, left, crop_h, crop_w, flip)
+        return EncodedCrop(read_encoded(image), top, left, crop_h, crop_w, flip)
 
 
 def collate_encoded_batches(samples: list[dict[str, Any]]) -> dict[str, Any]:

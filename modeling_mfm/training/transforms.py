@@ -31,6 +31,7 @@ __all__ = [
     "DEFAULT_CROP_SCALE",
     "PretrainTransform",
     "normalize_on_device",
+    "read_encoded",
     "resized_crop",
     "sample_resized_crop",
     "to_rgb",
@@ -187,6 +188,13 @@ class PretrainTransform:
         return (out.flip(-1) if flip else out).contiguous()
 
 
+def read_encoded(image: Image.Image) -> bytes:
+    """The file bytes of a lazily opened image (``Image.open`` keeps the file object until the pixels are loaded).
+    The file stays open: the ``with`` block the image was opened in closes it."""
+    image.fp.seek(0)
+    return image.fp.read()
+
+
 def _decode_full_jpeg(image: Image.Image) -> torch.Tensor | None:
     """A lazily opened RGB or greyscale JPEG -> ``uint8`` (3, H, W) by torchvision's libjpeg-turbo decoder, or None
     when PIL must decode it (CMYK, or an image already loaded: then PIL has no tiles left to decode).
@@ -197,11 +205,9 @@ def _decode_full_jpeg(image: Image.Image) -> torch.Tensor | None:
     (3, H, W) view of height x width x 3 memory, the layout the ``uint8`` resize is fastest on. PIL does not read
     the file then, so it does not close it either: open images with ``with``.
     """
-    file = getattr(image, "fp", None)
-    if file is None or not getattr(image, "tile", None) or image.mode not in ("RGB", "L"):
+    if getattr(image, "fp", None) is None or not getattr(image, "tile", None) or image.mode not in ("RGB", "L"):
         return None
-    file.seek(0)
-    encoded = torch.frombuffer(bytearray(file.read()), dtype=torch.uint8)
+    encoded = torch.frombuffer(bytearray(read_encoded(image)), dtype=torch.uint8)
     try:
         return decode_jpeg(encoded, mode=ImageReadMode.RGB)
     except RuntimeError as error:  # truncated or corrupt data: the OSError PIL would raise, with the decoder's reason
