@@ -8,8 +8,9 @@
 # 15-minute lease): benchmarks/vit_step_variants.py (the ViT-B/16 candidates, compiled, and the attention kernels),
 # ResNet-50 with CUDA graphs at batch 128 and 256, and the PIL workers. profile (about 5 minutes): torch.profiler
 # tables of the eager ViT-B/16 and ResNet-50 steps and of the compiled ViT-B/16 step, the step with only the encoder
-# compiled, and the input pipeline for 1 to 15 workers. train (about 5 minutes): pre-training ViT-B/16 on the image folder for 60 steps with PIL
-# workers, with --decode_on_device and compiled: what the training loop achieves on real JPEGs.
+# compiled, and the input pipeline for 1 to 15 workers. train (about 7 minutes): pre-training ViT-B/16 on the image
+# folder for 60 steps with PIL workers, with --decode_on_device and compiled, then ResNet-50 compiled with CUDA
+# graphs: what the training loop achieves on real JPEGs.
 # IMAGE_FOLDER: JPEGs for the input-pipeline figures (ImageNet samples). RESULTS_FOLDER receives one JSON file per
 # group, the profiler tables and the full log (more files than the device tool brings back one by one: pack them).
 # The groups run in order of importance, each under its own time limit.
@@ -82,12 +83,14 @@ elif [ "$mode" = train ]; then
     data=/tmp/mfm_train_images
     rm -rf "$data"
     for i in $(seq 10); do mkdir -p "$data/$i" && cp "$images"/* "$data/$i/"; done
-    for variant in pil device compiled; do
-        extra=()
+    for variant in pil device compiled resnet_cudagraphs; do
+        model=mfm-vit-base extra=()
         [ "$variant" = device ] && extra=(--decode_on_device)
         [ "$variant" = compiled ] && extra=(--torch_compile)
+        [ "$variant" = resnet_cudagraphs ] && model=mfm-resnet50 extra=(--torch_compile --torch_compile_mode \
+            reduce-overhead)
         echo "== train_$variant"
-        timeout 200 python run_scripts/run_pretrain.py --model mfm-vit-base --train_dir "$data" \
+        timeout 200 python run_scripts/run_pretrain.py --model "$model" --train_dir "$data" \
             --output_dir "/tmp/mfm_run_$variant" --per_device_train_batch_size 128 --max_train_steps 60 \
             --warmup_steps 5 --mixed_precision bf16 --logging_steps 10 --visualization_steps 0 \
             --checkpointing_steps 1000 --report_to none --dataloader_num_workers 15 \
