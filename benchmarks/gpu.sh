@@ -5,8 +5,8 @@
 #
 # table (default, about 9 minutes): the training step eager, compiled and compiled with CUDA graphs, float32, memory
 # at batch 256 and 512 with and without gradient checkpointing, the input pipeline. quick (about 9 minutes, for a
-# 15-minute lease): benchmarks/vit_step_variants.py (the ViT-B/16 candidates, compiled, and the attention kernels),
-# ResNet-50 with CUDA graphs at batch 128 and 256, and the PIL workers. profile (about 5 minutes): torch.profiler
+# 15-minute lease; at most 570 s): benchmarks/vit_step_variants.py (the ViT-B/16 candidates, compiled), ResNet-50
+# with CUDA graphs at batch 128 and 256 with and without cuDNN autotuning, and the PIL workers. profile (about 5 minutes): torch.profiler
 # tables of the eager ViT-B/16 and ResNet-50 steps and of the compiled ViT-B/16 step, the step with only the encoder
 # compiled, and the input pipeline for 1 to 15 workers. train (about 7 minutes): pre-training ViT-B/16 on the image
 # folder for 60 steps with PIL workers, with --decode_on_device and compiled, then ResNet-50 compiled with CUDA
@@ -51,22 +51,19 @@ if [ "$mode" = table ]; then
     step memory_sweep_gc 75 --models mfm-vit-base --batch_size 256 512 --mixed_precision bf16 --gradient_checkpointing
 elif [ "$mode" = quick ]; then
     # the ViT-B/16 candidates for 3,500 img/s, compiled, side by side with their agreement with float32 (a minute
-    # or so of compilation each), then the attention kernels in the eager step
-    probe() {  # name, seconds allowed, arguments...
-        local name=$1 seconds=$2
-        shift 2
-        echo "== $name"
-        timeout "$seconds" python benchmarks/vit_step_variants.py "$@" > "$results/$name.txt" 2>&1 \
-            || echo "!! $name failed or timed out ($?)"
-        grep -E "img/s|FAILED|^float32|^mfm" "$results/$name.txt"
-    }
-    probe vit_step_variants 330
-    probe vit_attention_kernels 90 --eager --variants autocast flash cudnn efficient
-    # ResNet-50 with CUDA graphs at two batch sizes (the reserved peak includes the graphs' pool)
-    step resnet_cudagraphs 150 --models mfm-resnet50 --batch_size 128 256 --mixed_precision bf16 --torch_compile \
+    # or so of compilation each)
+    echo "== vit_step_variants"
+    timeout 320 python benchmarks/vit_step_variants.py > "$results/vit_step_variants.txt" 2>&1 \
+        || echo "!! vit_step_variants failed or timed out ($?)"
+    grep -E "img/s|FAILED|^float32|^mfm" "$results/vit_step_variants.txt"
+    # ResNet-50 with CUDA graphs at two batch sizes (the reserved peak includes the graphs' pool), with cuDNN
+    # autotuning (now the default), then without it, as measured before
+    step resnet_cudagraphs 120 --models mfm-resnet50 --batch_size 128 256 --mixed_precision bf16 --torch_compile \
         --compile_mode reduce-overhead
+    step resnet_cudagraphs_no_cudnn_benchmark 70 --models mfm-resnet50 --batch_size 128 --mixed_precision bf16 \
+        --torch_compile --compile_mode reduce-overhead --no_cudnn_benchmark
     # the PIL workers with libjpeg-turbo decoding, timed from the end of the workers' first round of batches
-    step pipeline_cpu 70 --skip_step --data_dir "$images" --num_workers 1 8 15 --data_batch_size 64 \
+    step pipeline_cpu 60 --skip_step --data_dir "$images" --num_workers 1 8 15 --data_batch_size 64 \
         --data_batches 40 --decode_on_device off --cache_dir /tmp/datasets_cache
 elif [ "$mode" = profile ]; then
     step profile_eager 90 --models mfm-vit-base mfm-resnet50 --batch_size 128 --mixed_precision bf16 \

@@ -29,6 +29,7 @@ from modeling_mfm.training.benchmark import (
     benchmark_transform_stages,
 )
 from modeling_mfm.training.fast_path_check import fast_path_agreement
+from modeling_mfm.training.model_factory import cudnn_autotuning
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     step.add_argument("--compile_mode", choices=COMPILE_MODES, default="default",
                       help="With --torch_compile: torch.compile's mode (reduce-overhead replays CUDA graphs).")
     step.add_argument("--gradient_checkpointing", action="store_true")
+    step.add_argument("--no_cudnn_benchmark", dest="cudnn_benchmark", action="store_false",
+                      help="On CUDA, keep cuDNN's heuristic convolution algorithms instead of timing them once for "
+                           "the benchmark's shapes (torch.backends.cudnn.benchmark, on in pre-training by default).")
     step.add_argument("--profile_dir",
                       help="Write a torch.profiler table of three more steps per model to this folder.")
     step.add_argument("--cpu", action="store_true",
@@ -169,8 +173,10 @@ def main(argv: list[str] | None = None) -> int:
                           f"(input rounding alone: {check['grad_cosine_similarity_input_rounded']:.5f})"
                           f"  ({check['device']}, {check['mixed_precision']}, compile {check['torch_compile']})",
                           flush=True)
-                for batch_size in args.batch_size:
-                    benchmark_batch_size(args, name, config, batch_size, results)
+                device = "cpu" if args.cpu else (torch.accelerator.current_accelerator() or "cpu")
+                with cudnn_autotuning(args.cudnn_benchmark, device):
+                    for batch_size in args.batch_size:
+                        benchmark_batch_size(args, name, config, batch_size, results)
     except ValueError as error:
         print(f"benchmark.py: error: {error}", file=sys.stderr)
         return 2

@@ -15,7 +15,13 @@ from modeling_mfm.training.arguments import (
     parse_backbone_overrides,
     resolve_defaults,
 )
-from modeling_mfm.training.model_factory import build_config, build_model, override_config, preferred_memory_format
+from modeling_mfm.training.model_factory import (
+    build_config,
+    build_model,
+    cudnn_autotuning,
+    override_config,
+    preferred_memory_format,
+)
 
 
 def test_every_config_field_is_a_flag():
@@ -125,3 +131,23 @@ def test_compile_mode_reaches_accelerate_and_bad_modes_are_refused(capsys):
     with pytest.raises(SystemExit):
         parse_arguments(["--torch_compile_mode", "fastest"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_cudnn_autotuning_is_on_by_default_on_cuda_only_and_restored():
+    assert parse_arguments([])[0].cudnn_benchmark is True
+    assert parse_arguments(["--no_cudnn_benchmark"])[0].cudnn_benchmark is False
+    before = torch.backends.cudnn.benchmark
+    try:
+        for start in (False, True):
+            torch.backends.cudnn.benchmark = start
+            for enabled in (False, True):
+                with cudnn_autotuning(enabled, "cuda"):  # only sets the flag: needs no GPU
+                    assert torch.backends.cudnn.benchmark is enabled
+                assert torch.backends.cudnn.benchmark is start
+                with cudnn_autotuning(enabled, "cpu"):
+                    assert torch.backends.cudnn.benchmark is start  # nothing to tune elsewhere
+            with pytest.raises(KeyError), cudnn_autotuning(not start, "cuda"):
+                raise KeyError("restored on errors too")
+            assert torch.backends.cudnn.benchmark is start
+    finally:
+        torch.backends.cudnn.benchmark = before

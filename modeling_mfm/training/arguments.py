@@ -175,6 +175,12 @@ class PretrainingArguments:
                           "run faster than Python launches them (ResNet-50 on an H100).", "choices": COMPILE_MODES},
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    cudnn_benchmark: bool = field(
+        default=True,
+        metadata={"help": "On CUDA, let cuDNN time its convolution algorithms for the run's input shape and keep the "
+                          "fastest (torch.backends.cudnn.benchmark, as the official code); --no_cudnn_benchmark keeps "
+                          "its heuristic choice."},
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the initialisation, data order, crops and masks."})
     cpu_threads: int | None = field(
         default=None,

@@ -110,7 +110,8 @@ def benchmark_training_step(
     compiles the whole MFMForPreTraining, "backbone" only its encoder; ``compile_mode`` is torch.compile's mode
     ("reduce-overhead": CUDA graphs, for steps whose kernels run faster than Python launches them). With
     ``profile_path``, three more steps run under ``torch.profiler`` and the table of the operators' device (or CPU)
-    time is written there.
+    time is written there. cuDNN autotuning is as set globally (``torch.backends.cudnn.benchmark``, which the
+    benchmark script turns on as pre-training does; see `cudnn_autotuning`), and the result says which.
 
     ``plain_baseline`` then also builds the same model, with the same initial weights, in the plain float32
     formulation of `plain_step`, and times it against this step in alternating steps (so that a machine whose speed
@@ -184,6 +185,7 @@ def benchmark_training_step(
         "compile_mode": compile_mode if torch_compile else None,
         "gradient_checkpointing": gradient_checkpointing,
         "channels_last": memory_format == torch.channels_last,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark if device.type == "cuda" else None,
         "parameters_millions": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
         "final_loss": float(loss),
         "step_seconds": median,

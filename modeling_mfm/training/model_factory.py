@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -15,6 +17,7 @@ __all__ = [
     "ARCHITECTURE_FIELDS",
     "build_config",
     "build_model",
+    "cudnn_autotuning",
     "enable_activation_checkpointing",
     "override_config",
     "preferred_memory_format",
@@ -99,3 +102,18 @@ def preferred_memory_format(config: MFMConfig, device: torch.device | str) -> to
     if device_type == "cuda" or (device_type == "cpu" and config.backbone_config.model_type == "resnet"):
         return torch.channels_last
     return torch.contiguous_format
+
+
+@contextlib.contextmanager
+def cudnn_autotuning(enabled: bool, device: torch.device | str) -> Iterator[None]:
+    """Within the block, cuDNN times its convolution algorithms for each new input shape and keeps the fastest
+    (``torch.backends.cudnn.benchmark``) when ``device`` is CUDA; the previous setting comes back afterwards.
+    Pre-training feeds one shape for a whole run, so the timing is paid once; the official code (after SimMIM and
+    MAE) turns it on. Elsewhere the block changes nothing."""
+    previous = torch.backends.cudnn.benchmark
+    if torch.device(device).type == "cuda":
+        torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous

@@ -67,7 +67,13 @@ from .data import (
 from .device_decoding import DeviceDecodeTransform, collate_encoded_batches, decode_batch
 from .hub import LocalHubMirror, push_folder_to_hub
 from .model_card import render_model_card
-from .model_factory import build_config, build_model, enable_activation_checkpointing, preferred_memory_format
+from .model_factory import (
+    build_config,
+    build_model,
+    cudnn_autotuning,
+    enable_activation_checkpointing,
+    preferred_memory_format,
+)
 from .monitoring import describe_hardware, peak_memory_bytes
 from .optim import build_optimizer, scale_learning_rate
 from .randomness import derive_seed, global_micro_batch_index, seeded_device_rng
@@ -354,9 +360,10 @@ def run_pretraining(args: PretrainingArguments, config_overrides: dict[str, Any]
         torch.set_num_threads(threads)
         accelerator.print(f"training on the CPU with {threads} thread(s) per process")
     try:
-        run = _PretrainingRun(args, config_overrides or {}, accelerator)
-        run.train()
-        return run.write_outputs()
+        with cudnn_autotuning(args.cudnn_benchmark, accelerator.device):
+            run = _PretrainingRun(args, config_overrides or {}, accelerator)
+            run.train()
+            return run.write_outputs()
     finally:
         accelerator.end_training()
 
