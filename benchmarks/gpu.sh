@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # The GPU measurements behind the README's performance figures, in one run on one H100/H200.
 #
-#   bash benchmarks/gpu.sh IMAGE_FOLDER RESULTS_FOLDER [table|quick|profile|train]
+#   bash benchmarks/gpu.sh IMAGE_FOLDER RESULTS_FOLDER [table|quick|autotune|profile|train]
 #
-# table (default, about 9 minutes): the training step eager, compiled and compiled with CUDA graphs, float32, memory
-# at batch 256 and 512 with and without gradient checkpointing, the input pipeline. quick (about 9 minutes, for a
-# 15-minute lease; at most 570 s): benchmarks/vit_step_variants.py (the ViT-B/16 candidates, compiled), ResNet-50
-# with CUDA graphs at batch 128 and 256 with and without cuDNN autotuning, and the PIL workers. profile (about 5 minutes): torch.profiler
-# tables of the eager ViT-B/16 and ResNet-50 steps and of the compiled ViT-B/16 step, the step with only the encoder
-# compiled, and the input pipeline for 1 to 15 workers. train (about 7 minutes): pre-training ViT-B/16 on the image
-# folder for 60 steps with PIL workers, with --decode_on_device and compiled, then ResNet-50 compiled with CUDA
-# graphs: what the training loop achieves on real JPEGs.
+# Modes (each fits one call of a 15-minute lease):
+#   table (default, about 9 minutes): the training step eager, compiled and compiled with CUDA graphs, float32,
+#     memory at batch 256 and 512 with and without gradient checkpointing, the input pipeline.
+#   quick (at most 570 s): benchmarks/vit_step_variants.py (the ViT-B/16 candidates, compiled), ResNet-50 with CUDA
+#     graphs at batch 128 and 256 with and without cuDNN autotuning, and the PIL workers.
+#   autotune (at most 560 s): the ViT-B/16 step with Inductor's max-autotune, alone and with the bf16 residual stream.
+#   profile (about 5 minutes): torch.profiler tables of the eager ViT-B/16 and ResNet-50 steps and of the compiled
+#     ViT-B/16 step, the step with only the encoder compiled, and the input pipeline for 1 to 15 workers.
+#   train (about 7 minutes): pre-training ViT-B/16 on the image folder for 60 steps with PIL workers, with
+#     --decode_on_device and compiled, then ResNet-50 compiled with CUDA graphs: what the training loop achieves on
+#     real JPEGs.
 # IMAGE_FOLDER: JPEGs for the input-pipeline figures (ImageNet samples). RESULTS_FOLDER receives one JSON file per
 # group, the profiler tables and the full log (more files than the device tool brings back one by one: pack them).
 # The groups run in order of importance, each under its own time limit.
@@ -65,6 +68,13 @@ elif [ "$mode" = quick ]; then
     # the PIL workers with libjpeg-turbo decoding, timed from the end of the workers' first round of batches
     step pipeline_cpu 60 --skip_step --data_dir "$images" --num_workers 1 8 15 --data_batch_size 64 \
         --data_batches 40 --decode_on_device off --cache_dir /tmp/datasets_cache
+elif [ "$mode" = autotune ]; then
+    # Inductor's max-autotune (Triton GEMM templates with the bias and GELU fused in), alone and with the bf16
+    # residual stream; several minutes of autotuning each
+    echo "== vit_max_autotune"
+    timeout 560 python benchmarks/vit_step_variants.py --variants autocast max_autotune bf16_residual+max_autotune \
+        > "$results/vit_max_autotune.txt" 2>&1 || echo "!! vit_max_autotune failed or timed out ($?)"
+    grep -E "img/s|FAILED|^float32|^mfm" "$results/vit_max_autotune.txt"
 elif [ "$mode" = profile ]; then
     step profile_eager 90 --models mfm-vit-base mfm-resnet50 --batch_size 128 --mixed_precision bf16 \
         --profile_dir "$results"
@@ -105,7 +115,7 @@ print(f"img/s (steps 21-60) {summary['img_per_s_steps_21_60']:.0f}, peak {summar
 PYTHON
     done
 else
-    echo "unknown mode $mode (quick, table, profile or train)" >&2
+    echo "unknown mode $mode (table, quick, autotune, profile or train)" >&2
     exit 2
 fi
 echo "== done"
