@@ -6,8 +6,8 @@
 # Modes (each fits one call of a 15-minute lease):
 #   table (default, about 9 minutes): the training step eager, compiled and compiled with CUDA graphs, float32,
 #     memory at batch 256 and 512 with and without gradient checkpointing, the input pipeline.
-#   quick (at most 570 s): benchmarks/vit_step_variants.py (the ViT-B/16 candidates, compiled), ResNet-50 with CUDA
-#     graphs at batch 128 and 256 with and without cuDNN autotuning, and the PIL workers.
+#   quick (at most 570 s): benchmarks/vit_step_variants.py (the ViT-B/16 candidates, compiled, with a profiler table
+#     each), ResNet-50 with CUDA graphs at batch 128 and 256 with and without cuDNN autotuning, and the PIL workers.
 #   autotune (at most 560 s): the ViT-B/16 step with Inductor's max-autotune, alone and with the bf16 residual stream.
 #   profile (about 5 minutes): torch.profiler tables of the eager ViT-B/16 and ResNet-50 steps and of the compiled
 #     ViT-B/16 step, the step with only the encoder compiled, and the input pipeline for 1 to 15 workers.
@@ -56,8 +56,8 @@ elif [ "$mode" = quick ]; then
     # the ViT-B/16 candidates for 3,500 img/s, compiled, side by side with their agreement with float32 (a minute
     # or so of compilation each)
     echo "== vit_step_variants"
-    timeout 320 python benchmarks/vit_step_variants.py > "$results/vit_step_variants.txt" 2>&1 \
-        || echo "!! vit_step_variants failed or timed out ($?)"
+    timeout 320 python benchmarks/vit_step_variants.py --profile_dir "$results" > "$results/vit_step_variants.txt" \
+        2>&1 || echo "!! vit_step_variants failed or timed out ($?)"
     grep -E "img/s|FAILED|^float32|^mfm" "$results/vit_step_variants.txt"
     # ResNet-50 with CUDA graphs at two batch sizes (the reserved peak includes the graphs' pool), with cuDNN
     # autotuning (now the default), then without it, as measured before

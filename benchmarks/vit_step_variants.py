@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import time
 from types import MethodType
@@ -40,6 +41,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.models.beit.modeling_beit import BeitAttention
 
 from modeling_mfm import MFMConfig, MFMForPreTraining
+from modeling_mfm.training.benchmark import profile_steps
 from modeling_mfm.training.monitoring import peak_reserved_bytes
 from modeling_mfm.training.optim import build_optimizer
 
@@ -114,9 +116,11 @@ def loss_and_gradient(model, pixel_values, mask, autocast: bool) -> tuple[float,
     return float(loss.detach()), gradient
 
 
-def step_rate(model, pixel_values, steps: int, compile_mode: str | None, eager: bool) -> dict[str, float]:
+def step_rate(model, pixel_values, steps: int, compile_mode: str | None, eager: bool,
+              profile_path: str | None = None) -> dict[str, float]:
     """img/s (median step), warm-up seconds (compilation), peak allocated and peak reserved GiB (CUDA) of the bf16
-    training step with fused AdamW, clipping included."""
+    training step with fused AdamW, clipping included; with ``profile_path``, the profiler table of three more
+    steps."""
     optimizer = build_optimizer(model, lr=1e-4)
     runner = model if eager else torch.compile(model, mode=compile_mode)
     device = pixel_values.device
@@ -143,6 +147,8 @@ def step_rate(model, pixel_values, steps: int, compile_mode: str | None, eager: 
         step()
         synchronize()
         times.append(time.perf_counter() - start)
+    if profile_path:
+        profile_steps(step, device, profile_path)
     result = {"img_per_s": pixel_values.shape[0] / statistics.median(times), "warmup_seconds": warmup}
     if device.type == "cuda":
         result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -159,6 +165,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--eager", action="store_true", help="Time the eager step instead of the compiled one.")
+    parser.add_argument("--profile_dir", help="Write each variant's torch.profiler table (three steps) here.")
     args = parser.parse_args()
     variants = {name: parse_variant(name) for name in args.variants}  # refuses typos before any work
     device = torch.device(args.device)
@@ -188,7 +195,11 @@ def main() -> None:
         try:
             with sdpa_kernel(kernel) if kernel is not None else contextlib.nullcontext():
                 loss, gradient = loss_and_gradient(model, pixel_values[:8], mask[:8], autocast=True)
-                timing = step_rate(model, pixel_values, args.steps, mode, args.eager)
+                profile_path = None
+                if args.profile_dir:
+                    os.makedirs(args.profile_dir, exist_ok=True)
+                    profile_path = os.path.join(args.profile_dir, f"vit_step_variant-{name}.txt")
+                timing = step_rate(model, pixel_values, args.steps, mode, args.eager, profile_path)
         except Exception as error:  # a refused kernel or a failed compile: report it, go on with the others
             print(f"{name:40s} FAILED {type(error).__name__}: {str(error).splitlines()[0][:300]}", flush=True)
         else:

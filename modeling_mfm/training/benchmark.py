@@ -32,6 +32,7 @@ __all__ = [
     "benchmark_input_pipeline",
     "benchmark_training_step",
     "benchmark_transform_stages",
+    "profile_steps",
     "training_flops_per_image",
 ]
 
@@ -71,7 +72,7 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _profile(step: Any, device: torch.device, path: str, steps: int = 3) -> None:
+def profile_steps(step: Any, device: torch.device, path: str, steps: int = 3) -> None:
     """Runs ``steps`` steps under ``torch.profiler`` and writes the operators sorted by their own device time (CPU
     time without an accelerator), so that the table shows where a step's time goes."""
     from torch.profiler import ProfilerActivity, profile
@@ -169,7 +170,7 @@ def benchmark_training_step(
         raise RuntimeError(f"the benchmarked step produced a non-finite loss ({float(loss)})")
     peak_memory, peak_reserved = peak_memory_bytes(device), peak_reserved_bytes(device)
     if profile_path:
-        _profile(step, device, profile_path)
+        profile_steps(step, device, profile_path)
     median = statistics.median(step_times)
     img_per_s = batch_size / median
     result = {
