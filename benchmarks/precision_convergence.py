@@ -1,0 +1,106 @@
+"""Does a precision change train like float32? Pre-trains the same small MFM model with the same seed, data, crops
+and masks in each precision variant and compares the loss curves.
+
+The variants differ only in arithmetic: ``fp32``; ``bf16`` (the package's bf16 autocast, float32 residual stream);
+``bf16_residual`` (autocast with the encoder's residual stream cast to bf16, the `vit_step_variants` candidate that
+departs from the official recipe). The distance between ``fp32`` and ``bf16`` is the yardstick: a variant that
+stays as close to ``fp32`` as plain autocast does trains alike at this scale. Each variant runs in its own process
+(the package's `run_pretraining`, whose logs give the curve).
+
+    python benchmarks/precision_convergence.py --train_dir ../shared/data/cifar10-mini/train --output_dir /tmp/pc
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+VARIANTS = ("fp32", "bf16", "bf16_residual")
+
+
+def run_variant(variant: str, args: argparse.Namespace) -> None:
+    """One pre-training run, in this process."""
+    from modeling_mfm.training import pretrain
+    from modeling_mfm.training.arguments import parse_arguments
+
+    if variant == "bf16_residual":
+        from vit_step_variants import cast_residual_stream
+
+        build_model = pretrain.build_model
+
+        def build_model_with_bf16_stream(*positional, **keywords):
+            model = build_model(*positional, **keywords)
+            cast_residual_stream(model)
+            return model
+
+        pretrain.build_model = build_model_with_bf16_stream
+    argv = [
+        "--model", "mfm-vit-tiny", "--image_size", str(args.image_size),
+        "--mask_radius", str(16 * args.image_size / 224),
+        "--backbone_overrides", json.dumps({"num_hidden_layers": args.layers, "patch_size": args.patch_size}),
+        "--train_dir", args.train_dir, "--output_dir", os.path.join(args.output_dir, variant),
+        "--per_device_train_batch_size", str(args.batch_size), "--max_train_steps", str(args.steps),
+        "--warmup_ratio", "0.05", "--base_learning_rate", str(args.base_learning_rate),
+        "--logging_steps", str(args.logging_steps), "--visualization_steps", "0", "--checkpointing_steps", "0",
+        "--report_to", "none", "--mixed_precision", "no" if variant == "fp32" else "bf16",
+        "--dataloader_num_workers", "1", "--cpu_threads", "0", "--seed", str(args.seed),
+        "--resume_from_checkpoint", "none",
+    ]
+    if args.cache_dir:
+        argv += ["--cache_dir", args.cache_dir]
+    run_arguments, overrides = parse_arguments(argv)
+    pretrain.run_pretraining(run_arguments, overrides)
+
+
+def loss_curve(folder: str) -> dict[int, float]:
+    with open(os.path.join(folder, "logs", "metrics.jsonl"), encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--train_dir", required=True)
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--base_learning_rate", type=float, default=1.5e-3)
+    parser.add_argument("--image_size", type=int, default=64)
+    parser.add_argument("--patch_size", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--logging_steps", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache_dir")
+    parser.add_argument("--single", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: one run in this process
+    args = parser.parse_args()
+    if args.single:
+        run_variant(args.single, args)
+        return
+    for variant in args.variants:
+        if os.path.exists(os.path.join(args.output_dir, variant, "logs", "metrics.jsonl")):
+            print(f"{variant}: already run, reading its log", flush=True)
+            continue
+        command = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--single", variant]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    curves = {variant: loss_curve(os.path.join(args.output_dir, variant)) for variant in args.variants}
+    steps = sorted(set.intersection(*(set(curve) for curve in curves.values())))
+    late = steps[len(steps) * 3 // 4:]  # the last quarter of the run
+    print("step    " + "".join(f"{variant:>15s}" for variant in args.variants))
+    for step in steps[:: max(1, len(steps) // 12)] + ([steps[-1]] if len(steps) % 12 else []):
+        print(f"{step:<8d}" + "".join(f"{curves[variant][step]:15.5f}" for variant in args.variants))
+    reference = curves.get("fp32")
+    for variant in args.variants:
+        mean = sum(curves[variant][s] for s in late) / len(late)
+        line = f"{variant:15s} mean loss over steps {late[0]}-{late[-1]}: {mean:.5f}"
+        if reference is not None and variant != "fp32":
+            gaps = [abs(curves[variant][s] - reference[s]) / reference[s] for s in late]
+            line += f"; mean relative gap to fp32 {sum(gaps) / len(gaps):.2e}, largest {max(gaps):.2e}"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
