@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -55,10 +56,12 @@ def run_variant(variant: str, args: argparse.Namespace) -> None:
     pretrain.run_pretraining(run_arguments, overrides)
 
 
-def loss_curve(folder: str) -> dict[int, float]:
+def read_log(folder: str) -> tuple[dict[int, float], float]:
+    """The run's loss by logged step, and its median img/s."""
     with open(os.path.join(folder, "logs", "metrics.jsonl"), encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
+    records = [r for r in records if "loss" in r]
+    return {r["step"]: r["loss"] for r in records}, statistics.median(r["img_per_s"] for r in records)
 
 
 def main() -> None:
@@ -86,19 +89,24 @@ def main() -> None:
             continue
         command = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--single", variant]
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    curves = {variant: loss_curve(os.path.join(args.output_dir, variant)) for variant in args.variants}
+    logs = {variant: read_log(os.path.join(args.output_dir, variant)) for variant in args.variants}
+    curves = {variant: curve for variant, (curve, _) in logs.items()}
     steps = sorted(set.intersection(*(set(curve) for curve in curves.values())))
-    late = steps[len(steps) * 3 // 4:]  # the last quarter of the run
+    shown = steps[:: max(1, len(steps) // 12)]
     print("step    " + "".join(f"{variant:>15s}" for variant in args.variants))
-    for step in steps[:: max(1, len(steps) // 12)] + ([steps[-1]] if len(steps) % 12 else []):
+    for step in shown + ([steps[-1]] if shown[-1] != steps[-1] else []):
         print(f"{step:<8d}" + "".join(f"{curves[variant][step]:15.5f}" for variant in args.variants))
+    late = steps[len(steps) // 2:]  # the second half of the run, after the curves have flattened
     reference = curves.get("fp32")
     for variant in args.variants:
         mean = sum(curves[variant][s] for s in late) / len(late)
-        line = f"{variant:15s} mean loss over steps {late[0]}-{late[-1]}: {mean:.5f}"
+        line = f"{variant:15s} {logs[variant][1]:7.1f} img/s, mean loss over steps {late[0]}-{late[-1]}: {mean:.5f}"
         if reference is not None and variant != "fp32":
-            gaps = [abs(curves[variant][s] - reference[s]) / reference[s] for s in late]
-            line += f"; mean relative gap to fp32 {sum(gaps) / len(gaps):.2e}, largest {max(gaps):.2e}"
+            # signed: a variant that trains alike is above fp32 about as often as below
+            differences = [(curves[variant][s] - reference[s]) / reference[s] for s in late]
+            above = sum(difference > 0 for difference in differences)
+            line += (f"; relative difference to fp32 {sum(differences) / len(differences):+.2e} on average, "
+                     f"above it at {above} of {len(late)} logged steps")
         print(line, flush=True)
 
 

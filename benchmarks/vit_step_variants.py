@@ -200,7 +200,7 @@ def main() -> None:
                     os.makedirs(args.profile_dir, exist_ok=True)
                     profile_path = os.path.join(args.profile_dir, f"vit_step_variant-{name}.txt")
                 timing = step_rate(model, pixel_values, args.steps, mode, args.eager, profile_path)
-        except Exception as error:  # a refused kernel or a failed compile: report it, go on with the others
+        except Exception as error:  # noqa: BLE001 -- a refused kernel or a failed compile: report, go on
             print(f"{name:40s} FAILED {type(error).__name__}: {str(error).splitlines()[0][:300]}", flush=True)
         else:
             memory = (f", peak {timing['peak_gib']:.1f} GiB (reserved {timing['reserved_gib']:.1f})"
