@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -151,3 +153,16 @@ def test_cudnn_autotuning_is_on_by_default_on_cuda_only_and_restored():
             assert torch.backends.cudnn.benchmark is start
     finally:
         torch.backends.cudnn.benchmark = before
+
+
+def test_default_workers_use_the_host_cores_capped_lower_when_the_cpu_trains():
+    from modeling_mfm.training.pretrain import default_num_workers
+
+    # a 16-core host with one GPU: 15 workers (8 PIL workers could not feed the compiled ViT-B/16 step)
+    assert default_num_workers(1, "cuda", cores=16) == 15
+    assert default_num_workers(8, "cuda", cores=128) == 15  # 8 processes share the host's cores
+    assert default_num_workers(1, "cuda", cores=256) == 32
+    assert default_num_workers(1, "cpu", cores=16) == 8  # the CPU's cores also run the step
+    assert default_num_workers(1, "cpu", cores=2) == 1
+    assert default_num_workers(4, "cpu", cores=2) == 0  # fewer cores than processes: load in the main process
+    assert default_num_workers(1, "cpu") == max(0, min(8, len(os.sched_getaffinity(0)) - 1))

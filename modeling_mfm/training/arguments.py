@@ -121,7 +121,9 @@ class PretrainingArguments:
                           "images take the CPU path. For hosts whose CPUs cannot keep up with the GPU."},
     )
     dataloader_num_workers: int | None = field(
-        default=None, metadata={"help": "Workers per process (default: the CPU cores per process minus one, max 8)."}
+        default=None,
+        metadata={"help": "Workers per process (default: the CPU cores per process minus one; at most 32, at most 8 "
+                          "when training on the CPU, whose cores also run the step)."},
     )
     dataloader_prefetch_factor: int = field(default=4, metadata={"help": "Batches prefetched by each worker."})
     # ---- optimisation
