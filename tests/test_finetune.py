@@ -13,6 +13,7 @@ from conftest import tiny_config
 from PIL import Image
 from safetensors.torch import load_file
 from torchvision.transforms import v2 as T
+from transformers import HfArgumentParser
 
 from modeling_mfm import MFMForImageClassification, MFMForPreTraining
 from modeling_mfm.training.classification_data import (
@@ -151,6 +152,11 @@ def test_arguments_take_the_recipe_defaults_and_check_values():
     assert (args.layer_decay, args.mixup, args.cutmix, args.label_smoothing) == (0.8, 0.8, 1.0, 0.1)
     assert (args.base_learning_rate, args.warmup_epochs, args.drop_path_rate) == (2e-3, 5, 0.1)
     assert args.auto_augment == "rand-m9-mstd0.5-inc1" and args.random_erasing == 0.25
+    assert args.cudnn_benchmark  # cuDNN autotuning on CUDA unless --no_cudnn_benchmark
+    (parsed,) = HfArgumentParser(FinetuneArguments).parse_args_into_dataclasses(
+        args=["--preset", "mfm-vit-tiny", "--train_dir", "x", "--no_cudnn_benchmark"]
+    )
+    assert parsed.cudnn_benchmark is False
     resnet = FinetuneArguments(preset="mfm-resnet50", train_dir="x", recipe="resnet", mixup=0.0).resolved()
     assert resnet.layer_decay == RECIPES["resnet"]["layer_decay"] and resnet.mixup == 0.0
     for bad, match in [({"recipe": "swin"}, "recipe"), ({"label_smoothing": 1.0}, "label_smoothing"),

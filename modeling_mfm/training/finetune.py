@@ -47,7 +47,7 @@ from .hub import LocalHubMirror, push_folder_to_hub
 from .layer_decay import layer_decay_parameter_groups
 from .mixup import MixupCutmix, soft_target_cross_entropy
 from .model_card import render_model_card
-from .model_factory import enable_activation_checkpointing, preferred_memory_format
+from .model_factory import cudnn_autotuning, enable_activation_checkpointing, preferred_memory_format
 from .model_loading import load_classifier
 from .optim import FUSED_ADAMW_DEVICES, scale_learning_rate
 from .randomness import derive_seed, seeded_device_rng
@@ -101,6 +101,11 @@ class FinetuneArguments(ClassificationDataArguments):
     )
     drop_path_rate: float | None = field(default=None, metadata={"help": "Stochastic depth (vit recipe: 0.1)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    cudnn_benchmark: bool = field(
+        default=True,
+        metadata={"help": "On CUDA, let cuDNN time its convolution algorithms per input shape and keep the fastest "
+                          "(torch.backends.cudnn.benchmark); --no_cudnn_benchmark keeps its heuristic choice."},
+    )
     # optimisation (data fields: ClassificationDataArguments)
     num_train_epochs: int | None = field(default=None, metadata={"help": "Epochs (vit recipe: 100)."})
     max_train_steps: int | None = field(
@@ -281,6 +286,11 @@ def _model_card(args: FinetuneArguments, config: Any, best: dict[str, Any], deta
 def finetune(args: FinetuneArguments) -> dict[str, Any]:
     """Runs fine-tuning (or evaluation only) and returns the results written to ``output_dir/all_results.json``."""
     args = args.resolved()
+    with cudnn_autotuning(args.cudnn_benchmark, "cuda" if torch.cuda.is_available() else "cpu"):
+        return _finetune(args)
+
+
+def _finetune(args: FinetuneArguments) -> dict[str, Any]:
     output_dir = Path(args.output_dir)
     checkpoint_root = output_dir / "checkpoints"
     accelerator = Accelerator(
