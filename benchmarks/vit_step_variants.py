@@ -1,28 +1,31 @@
 """Which changes bring the compiled ViT-B/16 MFM training step to its 3,500 img/s target, and what does each cost in
 agreement with float32? One run on a GPU measures them side by side.
 
-The H100 profile of the compiled step (47 ms at batch 128) puts about 19 ms in GEMMs and 5 ms in cuDNN attention; the
-rest is memory-bound element-wise work: LayerNorm, GELU (4 ms forward and backward), residual adds and casts. The
-variants below attack that part. They are applied from outside the package (hooks and patched methods), so that
-nothing changes in it until a variant has earned its place; join parts with "+" to combine them.
+Measured on an H100 (torch 2.11, bf16, batch 128, compiled; README "What limits further speed"): the package's
+step 2,825 img/s; the bf16 residual stream 2,983 (now the opt-in ``--bf16_residual_stream``); fused QKV 2,853 (+1 %,
+left out); flash instead of cuDNN attention 2,847; the bf16 stream with fused QKV 3,006, and 3,198 / 3,233 (with CUDA
+graphs) at batch 256. Max-autotune had not finished compiling after 245 s. The profile of that step then showed the
+two patch convolutions (the embedding and the decoder head) at about 2.1 ms of its 42 ms; the package now computes
+them as GEMMs, and ``conv_patches`` puts the convolutions back for the A/B.
+
+Variants are applied from outside the package (hooks and patched methods), so that nothing changes in it until a
+variant has earned its place; join parts with "+" to combine them.
 
 - ``autocast``: the package's step (bf16 autocast; the residual stream stays float32: the embeddings concatenate the
   bf16 patch embeddings with the float32 class token, LayerNorm returns float32, and a residual add of a bf16 branch
   to a float32 stream is float32).
-- ``bf16_residual``: the embeddings' output is cast to bf16 once, so that the residual adds run in bf16 and
-  LayerNorm reads bf16 (half the bytes around every GEMM). It departs from the official fp16-autocast recipe, which
-  keeps a float32 stream: weigh the speed against the agreement figures, then a convergence run.
+- ``conv_patches``: the patch embedding and the decoder head as cuDNN convolutions, as before they became GEMMs.
+- ``bf16_residual``: the package's ``keep_residual_stream_in_bf16`` (``--bf16_residual_stream``): the embeddings'
+  output is cast to bf16 once, so that the residual adds run in bf16 and LayerNorm reads bf16.
 - ``fused_qkv``: one (768 x 2304) projection for queries, keys and values, as the official and timm ViTs compute
-  it, instead of BEiT's three (768 x 768) ones: one GEMM instead of three forward, and in backward one GEMM that
-  sums the three input gradients instead of three GEMMs and two additions. The same function (the loss agrees to
-  rounding); the checkpoint layout is untouched, since the weights are concatenated on the fly.
+  it, instead of BEiT's three (768 x 768) ones (the weights concatenated on the fly; the same function).
 - ``flash`` / ``cudnn`` / ``efficient``: force that SDPA kernel (the default on an H100 is cuDNN's).
 - ``max_autotune``: Inductor's ``max-autotune-no-cudagraphs`` mode (Triton GEMM templates, into which it can fuse
   the bias and GELU epilogues; compilation takes minutes).
 - ``cudagraphs``: the ``reduce-overhead`` mode.
 
     python benchmarks/vit_step_variants.py                       # on a GPU: mfm-vit-base, batch 128, compiled
-    python benchmarks/vit_step_variants.py --variants autocast fused_qkv bf16_residual+fused_qkv+flash
+    python benchmarks/vit_step_variants.py --batch_size 256 --variants autocast bf16_residual+fused_qkv+flash
     python benchmarks/vit_step_variants.py --preset mfm-vit-tiny --batch_size 4 --image_size 64 --device cpu --eager
 """
 
@@ -42,10 +45,12 @@ from transformers.models.beit.modeling_beit import BeitAttention
 
 from modeling_mfm import MFMConfig, MFMForPreTraining
 from modeling_mfm.training.benchmark import profile_steps
+from modeling_mfm.training.model_factory import keep_residual_stream_in_bf16
 from modeling_mfm.training.monitoring import peak_reserved_bytes
 from modeling_mfm.training.optim import build_optimizer
+from modeling_mfm.training.plain_step import plain_decode
 
-DEFAULT_VARIANTS = ("autocast", "bf16_residual", "fused_qkv", "bf16_residual+fused_qkv", "flash")
+DEFAULT_VARIANTS = ("conv_patches", "autocast", "bf16_residual", "bf16_residual+cudagraphs")
 ATTENTION_KERNELS = {
     "flash": SDPBackend.FLASH_ATTENTION,
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -54,14 +59,12 @@ ATTENTION_KERNELS = {
 COMPILE_MODES = {"max_autotune": "max-autotune-no-cudagraphs", "cudagraphs": "reduce-overhead"}
 
 
-def cast_residual_stream(model: MFMForPreTraining) -> None:
-    """Makes the encoder's residual stream the autocast dtype: the embeddings' output is cast once."""
-
-    def cast(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        kind = output.device.type
-        return output.to(torch.get_autocast_dtype(kind)) if torch.is_autocast_enabled(kind) else output
-
-    model.mfm.backbone.embeddings.register_forward_hook(cast)
+def convolution_patches(model: MFMForPreTraining) -> None:
+    """The patch embedding and the decoder head as the convolutions of the official code (the package computes them
+    as GEMMs, see modeling_mfm/patch_linear.py): the A/B of that change."""
+    patch_embeddings = model.mfm.backbone.embeddings.patch_embeddings
+    patch_embeddings.projection = patch_embeddings.projection.to_conv()
+    model.decode = MethodType(plain_decode, model)
 
 
 def _fused_qkv_forward(
@@ -87,7 +90,11 @@ def fuse_qkv_projections(model: MFMForPreTraining) -> None:
             module.forward = MethodType(_fused_qkv_forward, module)
 
 
-PATCHES = {"bf16_residual": cast_residual_stream, "fused_qkv": fuse_qkv_projections}
+PATCHES = {
+    "bf16_residual": keep_residual_stream_in_bf16,
+    "fused_qkv": fuse_qkv_projections,
+    "conv_patches": convolution_patches,
+}
 
 
 def parse_variant(name: str) -> tuple[list, SDPBackend | None, str | None]:

@@ -25,6 +25,7 @@ from .configuration_mfm import PRESETS, MFMConfig
 from .corruptions import degrade
 from .frequency import FrequencyLoss, filter_frequencies, low_pass_mask, masked_frequency_loss, sample_frequency_masks
 from .image_attention import image_attention_implementation
+from .patch_linear import project_and_shuffle, use_gemm_patch_projection
 
 __all__ = [
     "MFMForImageClassification",
@@ -210,6 +211,7 @@ class MFMModel(MFMPreTrainedModel):
             backbone_config._attn_implementation = image_attention_implementation(backbone_config._attn_implementation)
         self.backbone = AutoModel.from_config(config.backbone_config, **backbone_kwargs)
         _skip_unit_layer_scales(self.backbone)
+        use_gemm_patch_projection(self.backbone)  # the patch convolution as one GEMM (see patch_linear)
         self.fc_norm = None
         if add_pooling_layer and config.is_vit:
             eps = getattr(config.backbone_config, "layer_norm_eps", 1e-6)
@@ -285,24 +287,23 @@ def _check_pixel_values(pixel_values: torch.Tensor, config: MFMConfig) -> None:
         )
 
 
-def _tokens_to_map(tokens: torch.Tensor, height: int, width: int, stride: int) -> torch.Tensor:
-    """(B, 1 + N, D) tokens -> (B, D, H/stride, W/stride) map of the patch tokens (CLS dropped)."""
-    patches = tokens[:, 1:]
-    batch, _, dim = patches.shape
-    return patches.transpose(1, 2).reshape(batch, dim, height // stride, width // stride)
+def _patch_tokens_to_map(tokens: torch.Tensor, height: int, width: int, stride: int) -> torch.Tensor:
+    """(B, 1 + N, D) tokens -> channel-last (B, H/stride, W/stride, D) map of the patch tokens (CLS dropped)."""
+    return tokens[:, 1:].reshape(tokens.shape[0], height // stride, width // stride, tokens.shape[-1])
 
 
 class MFMDecoder(nn.Module):
-    """The official light decoder: a 1x1 convolution to stride²·C channels and PixelShuffle(stride)."""
+    """The official light decoder: a 1x1 convolution to stride²·C channels and PixelShuffle(stride), computed as one
+    GEMM on channel-last features (`patch_linear.project_and_shuffle`)."""
 
     def __init__(self, config: MFMConfig) -> None:
         super().__init__()
-        stride = config.encoder_stride
-        self.projection = nn.Conv2d(config.encoder_hidden_size, stride**2 * config.num_channels, kernel_size=1)
-        self.pixel_shuffle = nn.PixelShuffle(stride)
+        self.stride = config.encoder_stride
+        self.projection = nn.Conv2d(config.encoder_hidden_size, self.stride**2 * config.num_channels, kernel_size=1)
 
-    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
-        return self.pixel_shuffle(self.projection(feature_map))
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Channel-last features (B, h, w, D) -> reconstruction (B, C, h * stride, w * stride)."""
+        return project_and_shuffle(features, self.projection, self.stride)
 
 
 class MFMTransformerDecoder(nn.Module):
@@ -336,7 +337,6 @@ class MFMTransformerDecoder(nn.Module):
         _skip_unit_layer_scales(self.layers)
         self.layernorm = nn.LayerNorm(config.decoder_hidden_size, eps=eps)
         self.projection = nn.Conv2d(config.decoder_hidden_size, self.stride**2 * config.num_channels, kernel_size=1)
-        self.pixel_shuffle = nn.PixelShuffle(self.stride)
 
     def forward(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
         if tokens.shape[1] != self.position_embeddings.shape[1]:
@@ -348,7 +348,8 @@ class MFMTransformerDecoder(nn.Module):
         for layer in self.layers:
             hidden = layer(hidden, resolution=(height, width))
         hidden = self.layernorm(hidden)
-        return self.pixel_shuffle(self.projection(_tokens_to_map(hidden, height, width, self.stride)))
+        features = _patch_tokens_to_map(hidden, height, width, self.stride)
+        return project_and_shuffle(features, self.projection, self.stride)
 
 
 class MFMForPreTraining(MFMPreTrainedModel):
@@ -409,13 +410,13 @@ class MFMForPreTraining(MFMPreTrainedModel):
         if isinstance(self.decoder, MFMTransformerDecoder):
             return self.decoder(encoder_hidden, height, width)
         if self.config.is_vit:
-            encoder_hidden = _tokens_to_map(encoder_hidden, height, width, self.config.encoder_stride)
-        elif hasattr(self.mfm.backbone, "layernorm"):
+            return self.decoder(_patch_tokens_to_map(encoder_hidden, height, width, self.config.encoder_stride))
+        features = encoder_hidden.permute(0, 2, 3, 1)  # channel-last (a view when the map is channels_last)
+        if hasattr(self.mfm.backbone, "layernorm"):
             # ConvNeXt keeps its final LayerNorm for the pooled vector; apply it per position, as the ViT's final
             # norm precedes the decoder
-            norm = self.mfm.backbone.layernorm
-            encoder_hidden = norm(encoder_hidden.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return self.decoder(encoder_hidden)
+            features = self.mfm.backbone.layernorm(features)
+        return self.decoder(features)
 
     def compute_loss(
         self, reconstruction: torch.Tensor, target: torch.Tensor, frequency_mask: torch.Tensor | None

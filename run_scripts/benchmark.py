@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     step.add_argument("--compile_mode", choices=COMPILE_MODES, default="default",
                       help="With --torch_compile: torch.compile's mode (reduce-overhead replays CUDA graphs).")
     step.add_argument("--gradient_checkpointing", action="store_true")
+    step.add_argument("--bf16_residual_stream", action="store_true",
+                      help="ViTs with --mixed_precision bf16: the residual stream in bf16 (as pre-training's flag).")
     step.add_argument("--no_cudnn_benchmark", dest="cudnn_benchmark", action="store_false",
                       help="On CUDA, keep cuDNN's heuristic convolution algorithms instead of timing them once for "
                            "the benchmark's shapes (torch.backends.cudnn.benchmark, on in pre-training by default).")
@@ -110,6 +112,7 @@ def benchmark_batch_size(args: argparse.Namespace, name: str, config: MFMConfig,
             config, batch_size, args.steps, args.warmup_steps, args.mixed_precision, args.torch_compile,
             args.gradient_checkpointing, args.cpu, args.peak_tflops, compile_scope=args.compile_scope,
             profile_path=profile_path, plain_baseline=args.plain_baseline, compile_mode=args.compile_mode,
+            bf16_residual_stream=args.bf16_residual_stream,
         )
     except RuntimeError as error:  # torch.OutOfMemoryError on an accelerator, a RuntimeError on the CPU
         if not isinstance(error, torch.OutOfMemoryError) and "can't allocate memory" not in str(error):

@@ -141,7 +141,8 @@ def test_encoder_exports_as_a_native_transformers_checkpoint(tmp_path, backbone,
     native = AutoModel.from_pretrained(tmp_path).eval()
     assert type(native) is native_class
     x, _ = fixed_inputs()
-    torch.testing.assert_close(native(x).last_hidden_state, model.mfm(x).last_hidden_state, atol=1e-6, rtol=1e-5)
+    # the same weights; the native model computes the patch embedding as a convolution, ours as a GEMM (rounding)
+    torch.testing.assert_close(native(x).last_hidden_state, model.mfm(x).last_hidden_state, atol=1e-5, rtol=1e-5)
     assert AutoImageProcessor.from_pretrained(tmp_path).size["height"] == 32
 
 

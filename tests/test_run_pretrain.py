@@ -200,11 +200,11 @@ def test_sigkill_and_restart_continue_the_same_trajectory(workspace):
     assert not list((out / "checkpoints").glob(".tmp-*"))
 
 
-def test_streaming_bf16_and_gradient_checkpointing(workspace):
+def test_streaming_bf16_bf16_residual_stream_and_gradient_checkpointing(workspace):
     out = workspace["root"] / "streaming"
     result = run_script(workspace, common_args(
         workspace, out, 3, 4, "--streaming", "--shuffle_buffer_size", "8", "--mixed_precision", "bf16",
-        "--gradient_checkpointing", "--visualization_steps", "0",
+        "--gradient_checkpointing", "--bf16_residual_stream", "--visualization_steps", "0",
     ))
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_metrics(out / "logs" / "metrics.jsonl")
@@ -244,6 +244,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(workspace, in_
         (["--image_column_name", "photo"], "image_column_name 'photo' is not a column"),
         (["--image_size", "30"], "must be divisible by the encoder stride (8)"),
         (["--model", "mfm-vit-nope"], "unknown preset 'mfm-vit-nope'"),
+        (["--bf16_residual_stream"], "--bf16_residual_stream needs --mixed_precision bf16 (this run: no)"),
     ],
 )
 def test_bad_arguments_in_process(workspace, in_process, capsys, extra, message):

@@ -21,6 +21,7 @@ from modeling_mfm.training.model_factory import (
     build_config,
     build_model,
     cudnn_autotuning,
+    keep_residual_stream_in_bf16,
     override_config,
     preferred_memory_format,
 )
@@ -120,6 +121,28 @@ def test_cnns_train_channels_last_on_cuda_and_resnets_on_cpus_too(tiny_config_fa
         assert model.mfm.backbone.embedder.embedder.convolution.weight.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(model(images, frequency_mask=torch.ones(2, 32, 32)).reconstruction, reference,
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_residual_stream_runs_the_vit_blocks_in_bf16_under_bf16_autocast_only(tiny_config_factory):
+    torch.manual_seed(0)
+    model = build_model(tiny_config_factory("beit"), None).train()
+    images, mask = torch.randn(4, 3, 32, 32), (torch.rand(4, 32, 32) < 0.5).float()
+
+    def forward(autocast: bool):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return model(images, frequency_mask=mask, output_hidden_states=True)
+
+    reference, plain_autocast = forward(False), forward(True)
+    assert {h.dtype for h in plain_autocast.hidden_states} == {torch.float32}  # autocast keeps a float32 stream
+    handle = keep_residual_stream_in_bf16(model)
+    fast = forward(True)
+    assert {h.dtype for h in fast.hidden_states} == {torch.bfloat16}
+    assert abs(fast.loss.item() - reference.loss.item()) < 2e-2 * reference.loss.item()
+    torch.testing.assert_close(forward(False).loss, reference.loss, rtol=0, atol=0)  # no autocast: untouched
+    handle.remove()
+    assert {h.dtype for h in forward(True).hidden_states} == {torch.float32}
+    with pytest.raises(ValueError, match="for ViT encoders"):
+        keep_residual_stream_in_bf16(build_model(tiny_config_factory("resnet"), None))
 
 
 def test_compile_mode_reaches_accelerate_and_bad_modes_are_refused(capsys):

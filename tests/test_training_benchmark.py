@@ -33,6 +33,17 @@ def test_training_step_benchmark(tiny_config_factory):
         benchmark_training_step(tiny_config_factory("beit"), batch_size=0)
 
 
+def test_training_step_benchmark_with_the_bf16_residual_stream(tiny_config_factory):
+    try:
+        result = benchmark_training_step(tiny_config_factory("beit"), batch_size=2, steps=1, warmup_steps=0, cpu=True,
+                                         mixed_precision="bf16", bf16_residual_stream=True)
+    finally:
+        AcceleratorState._reset_state(True)
+    assert result["bf16_residual_stream"] and result["mixed_precision"] == "bf16" and result["final_loss"] > 0
+    with pytest.raises(ValueError, match="needs mixed_precision 'bf16'"):
+        benchmark_training_step(tiny_config_factory("beit"), batch_size=2, bf16_residual_stream=True)
+
+
 def _noise_jpegs(folder, count: int, shape: tuple[int, int], seed: int):
     """A folder of ``count`` random RGB JPEGs of ``shape`` (height, width)."""
     rng = np.random.default_rng(seed)

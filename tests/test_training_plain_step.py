@@ -14,6 +14,7 @@ from modeling_mfm.frequency import low_pass_mask
 from modeling_mfm.training.benchmark import benchmark_training_step
 from modeling_mfm.training.plain_step import (
     plain_config,
+    plain_model,
     plain_keep_masks,
     plain_pretraining_loss,
     plain_training_step,
@@ -26,7 +27,7 @@ def test_plain_loss_equals_the_models_loss_on_the_same_masks(tiny_config_factory
     config = tiny_config_factory(backbone, loss_on=loss_on, with_matrix=True)
     torch.manual_seed(0)
     model = MFMForPreTraining(config).train()
-    plain = MFMForPreTraining(plain_config(config)).train()
+    plain = plain_model(config).train()
     plain.load_state_dict(model.state_dict())
     images = torch.rand(4, 3, 32, 32)
     keep = plain_keep_masks(config, 4, random.Random(3))

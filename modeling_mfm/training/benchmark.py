@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .data import EpochShuffleSampler, HFImageSource, PretrainingDataset, collate_pixel_batches, load_image_dataset
 from .device_decoding import DeviceDecodeTransform, collate_encoded_batches, decode_batch
-from .model_factory import enable_activation_checkpointing, preferred_memory_format
+from .model_factory import enable_activation_checkpointing, keep_residual_stream_in_bf16, preferred_memory_format
 from .monitoring import describe_hardware, peak_memory_bytes, peak_reserved_bytes, reset_peak_memory
 from .optim import build_optimizer
 from .plain_step import plain_config, plain_training_step
@@ -102,6 +102,7 @@ def benchmark_training_step(
     profile_path: str | None = None,
     plain_baseline: bool = False,
     compile_mode: str = "default",
+    bf16_residual_stream: bool = False,
 ) -> dict[str, Any]:
     """Images per second and peak memory of the full training step (normalisation on the device, forward with
     frequency masking, frequency loss, backward, gradient clipping, AdamW) on random uint8 images, through
@@ -109,7 +110,8 @@ def benchmark_training_step(
     median over the timed steps (each step is waited for). With ``peak_tflops`` (the accelerator's dense peak in
     the benchmark's precision) the result has the MFU: FLOPs per image x img/s / peak. ``compile_scope`` "model"
     compiles the whole MFMForPreTraining, "backbone" only its encoder; ``compile_mode`` is torch.compile's mode
-    ("reduce-overhead": CUDA graphs, for steps whose kernels run faster than Python launches them). With
+    ("reduce-overhead": CUDA graphs, for steps whose kernels run faster than Python launches them);
+    ``bf16_residual_stream`` is pre-training's ``--bf16_residual_stream`` (ViTs, bf16 only). With
     ``profile_path``, three more steps run under ``torch.profiler`` and the table of the operators' device (or CPU)
     time is written there. cuDNN autotuning is as set globally (``torch.backends.cudnn.benchmark``, which the
     benchmark script turns on as pre-training does; see `cudnn_autotuning`), and the result says which.
@@ -126,6 +128,8 @@ def benchmark_training_step(
         raise ValueError(f"compile_scope must be 'model' or 'backbone', got {compile_scope!r}")
     if peak_tflops is not None and peak_tflops <= 0:
         raise ValueError(f"peak_tflops must be positive, got {peak_tflops}")
+    if bf16_residual_stream and mixed_precision != "bf16":
+        raise ValueError(f"bf16_residual_stream needs mixed_precision 'bf16', got {mixed_precision!r}")
     if plain_baseline:
         plain_config(config)  # refuses what the baseline cannot run, before any work
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
@@ -135,6 +139,8 @@ def benchmark_training_step(
     model = MFMForPreTraining(config)
     if gradient_checkpointing:
         enable_activation_checkpointing(model)
+    if bf16_residual_stream:
+        keep_residual_stream_in_bf16(model)
     memory_format = preferred_memory_format(config, device)
     model.to(device, memory_format=memory_format)
     optimizer = build_optimizer(model, lr=1e-4)
@@ -185,6 +191,7 @@ def benchmark_training_step(
         "compile_scope": compile_scope if torch_compile else None,
         "compile_mode": compile_mode if torch_compile else None,
         "gradient_checkpointing": gradient_checkpointing,
+        "bf16_residual_stream": bf16_residual_stream,
         "channels_last": memory_format == torch.channels_last,
         "cudnn_benchmark": torch.backends.cudnn.benchmark if device.type == "cuda" else None,
         "parameters_millions": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),

@@ -19,6 +19,7 @@ __all__ = [
     "build_model",
     "cudnn_autotuning",
     "enable_activation_checkpointing",
+    "keep_residual_stream_in_bf16",
     "override_config",
     "preferred_memory_format",
 ]
@@ -89,6 +90,28 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
     else its older name ``gradient_checkpointing_enable`` (deprecated in transformers 5.24)."""
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable()
+
+
+def keep_residual_stream_in_bf16(model: MFMForPreTraining) -> torch.utils.hooks.RemovableHandle:
+    """Under bf16 autocast, casts a ViT encoder's embeddings (the start of its residual stream) to bf16, so that the
+    residual adds of every block, and LayerNorm's reads, move bf16 instead of float32 tensors. Opt-in
+    (``--bf16_residual_stream``): plain autocast, like the official fp16 recipe, keeps the stream in float32 (linear
+    layers return bf16, LayerNorm float32, and a bf16 branch added to a float32 stream is float32). Measured: the
+    compiled ViT-B/16 step 5.6 % faster on an H100; a small CPU run's loss 0.15 % higher late in training (README).
+    Outside bf16 autocast the hook changes nothing. Returns the hook's handle (``.remove()`` undoes it)."""
+    if not model.config.is_vit:
+        raise ValueError(
+            f"--bf16_residual_stream is for ViT encoders (beit, vit); this model's is "
+            f"{model.config.backbone_config.model_type}"
+        )
+
+    def cast(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        kind = output.device.type
+        if torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.bfloat16:
+            return output.to(torch.bfloat16)
+        return output
+
+    return model.mfm.backbone.embeddings.register_forward_hook(cast)
 
 
 def preferred_memory_format(config: MFMConfig, device: torch.device | str) -> torch.memory_format:

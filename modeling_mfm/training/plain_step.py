@@ -3,7 +3,8 @@ package's step against (``run_scripts/benchmark.py --plain_baseline``).
 
 Plain means what a direct port of the official code computes: a low- or high-pass choice per image drawn on the host
 and the keep-masks built there (`official_reference.frequency_mask`), corruption and loss in complex arithmetic with
-shifted spectra (`official_reference`), attention as matmul + softmax (transformers' eager implementation), float32
+shifted spectra (`official_reference`), attention as matmul + softmax (transformers' eager implementation), the patch
+embedding and the decoder as convolutions (a patch convolution, a 1x1 convolution and PixelShuffle), float32
 everywhere, no channels_last, and ``torch.optim.AdamW`` looping over the parameters. Model, weights and loss value are
 those of the package's step, so the two time the same computation: only its formulation differs.
 """
@@ -17,12 +18,15 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from .. import official_reference as reference
 from ..modeling_mfm import MFMForPreTraining
+from ..patch_linear import PatchEmbeddingProjection
 from .model_factory import enable_activation_checkpointing
 
-__all__ = ["plain_config", "plain_keep_masks", "plain_pretraining_loss", "plain_training_step"]
+__all__ = ["plain_config", "plain_decode", "plain_keep_masks", "plain_model", "plain_pretraining_loss",
+           "plain_training_step"]
 
 
 def plain_config(config: Any) -> Any:
@@ -31,9 +35,37 @@ def plain_config(config: Any) -> Any:
         raise ValueError(f"the plain baseline is the frequency-masking step; corruption is {config.corruption!r}")
     if config.patch_factor != 1:
         raise ValueError(f"the plain baseline supports the official patch_factor 1, got {config.patch_factor}")
+    if config.decoder_depth != 0:
+        raise ValueError(f"the plain baseline times the official light decoder (decoder_depth 0), got "
+                         f"{config.decoder_depth}")
     config = copy.deepcopy(config)
     config._attn_implementation = "eager"
     return config
+
+
+def plain_model(config: Any) -> MFMForPreTraining:
+    """The package's model under `plain_config`, its ViT patch embedding a convolution again."""
+    model = MFMForPreTraining(plain_config(config))
+    patch_embeddings = getattr(model.mfm.backbone, "embeddings", None)
+    patch_embeddings = getattr(patch_embeddings, "patch_embeddings", None)
+    projection = getattr(patch_embeddings, "projection", None)
+    if isinstance(projection, PatchEmbeddingProjection):
+        patch_embeddings.projection = projection.to_conv()
+    return model
+
+
+def plain_decode(model: MFMForPreTraining, features: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The official light decoder on the encoder's output: the features as an (B, D, h, w) map, a 1x1 convolution,
+    then PixelShuffle."""
+    config = model.config
+    if config.is_vit:
+        patches = features[:, 1:]
+        stride = config.encoder_stride
+        features = patches.transpose(1, 2).reshape(patches.shape[0], -1, height // stride, width // stride)
+    elif hasattr(model.mfm.backbone, "layernorm"):  # ConvNeXt: its final LayerNorm per position
+        features = model.mfm.backbone.layernorm(features.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    projection = model.decoder.projection
+    return F.pixel_shuffle(F.conv2d(features, projection.weight, projection.bias), config.encoder_stride)
 
 
 def plain_keep_masks(config: Any, batch_size: int, rng: random.Random) -> torch.Tensor:
@@ -52,7 +84,7 @@ def plain_pretraining_loss(model: Any, images: torch.Tensor, keep: torch.Tensor)
     std = torch.tensor(config.image_std, device=images.device).view(1, -1, 1, 1)
     corrupted = reference.frequency_transform(images, keep)
     features = model.mfm((corrupted - mean) / std, return_dict=True).last_hidden_state
-    reconstruction = model.decode(features, images.shape[-2], images.shape[-1])
+    reconstruction = plain_decode(model, features, images.shape[-2], images.shape[-1])
     target = (images - mean) / std
     removed = keep if config.loss_on == "masked" else None
     return reference.frequency_loss(reconstruction, target, removed, **reference.loss_options(config))
@@ -65,10 +97,9 @@ def plain_training_step(
     function returning the loss: the model built after ``torch.manual_seed(0)`` (the weights the package's
     benchmark starts from), masks drawn on the host, loss, backward, clipping at 3, for-loop AdamW. No autocast and
     no Accelerate: float32, whatever precision the process's other steps use."""
-    config = plain_config(config)
     device = images.device
     torch.manual_seed(0)
-    model = MFMForPreTraining(config).to(device).train()
+    model = plain_model(config).to(device).train()
     if gradient_checkpointing:
         enable_activation_checkpointing(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, foreach=False)

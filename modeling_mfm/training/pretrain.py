@@ -72,6 +72,7 @@ from .model_factory import (
     build_model,
     cudnn_autotuning,
     enable_activation_checkpointing,
+    keep_residual_stream_in_bf16,
     preferred_memory_format,
 )
 from .monitoring import describe_hardware, peak_memory_bytes
@@ -237,6 +238,14 @@ def _setup(args: PretrainingArguments, overrides: dict[str, Any], accelerator: A
         logger.warning(
             "mask_radius 16 is tuned for 224x224 inputs; at %d px the same ratio is --mask_radius %.1f",
             config.image_size, 16 * config.image_size / 224,
+        )
+    if args.bf16_residual_stream and not config.is_vit:
+        raise ValueError(
+            f"--bf16_residual_stream is for ViT encoders (beit, vit), not {config.backbone_config.model_type}"
+        )
+    if args.bf16_residual_stream and accelerator.mixed_precision != "bf16":
+        raise ValueError(
+            f"--bf16_residual_stream needs --mixed_precision bf16 (this run: {accelerator.mixed_precision})"
         )
     dataset, description, streaming = _build_dataset(args, config, accelerator, demo)
 
@@ -450,6 +459,8 @@ class _PretrainingRun:
         model = build_model(setup.config, args.model_name_or_path)
         if args.gradient_checkpointing:
             enable_activation_checkpointing(model)
+        if args.bf16_residual_stream:
+            keep_residual_stream_in_bf16(model)
         model.to(device, memory_format=preferred_memory_format(setup.config, device))
         optimizer = build_optimizer(
             model, setup.peak_lr, weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2),
