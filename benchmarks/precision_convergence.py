@@ -2,8 +2,8 @@
 and masks in each precision variant and compares the loss curves.
 
 The variants differ only in arithmetic: ``fp32``; ``bf16`` (the package's bf16 autocast, float32 residual stream);
-``bf16_residual`` (autocast with the encoder's residual stream cast to bf16, the `vit_step_variants` candidate that
-departs from the official recipe). The distance between ``fp32`` and ``bf16`` is the yardstick: a variant that
+``bf16_residual`` (autocast with the encoder's residual stream cast to bf16: pre-training's opt-in
+``--bf16_residual_stream``, which departs from the official recipe). The distance between ``fp32`` and ``bf16`` is the yardstick: a variant that
 stays as close to ``fp32`` as plain autocast does trains alike at this scale. Each variant runs in its own process
 (the package's `run_pretraining`, whose logs give the curve).
 
@@ -27,17 +27,6 @@ def run_variant(variant: str, args: argparse.Namespace) -> None:
     from modeling_mfm.training import pretrain
     from modeling_mfm.training.arguments import parse_arguments
 
-    if variant == "bf16_residual":
-        from vit_step_variants import cast_residual_stream
-
-        build_model = pretrain.build_model
-
-        def build_model_with_bf16_stream(*positional, **keywords):
-            model = build_model(*positional, **keywords)
-            cast_residual_stream(model)
-            return model
-
-        pretrain.build_model = build_model_with_bf16_stream
     argv = [
         "--model", "mfm-vit-tiny", "--image_size", str(args.image_size),
         "--mask_radius", str(16 * args.image_size / 224),
@@ -50,6 +39,8 @@ def run_variant(variant: str, args: argparse.Namespace) -> None:
         "--dataloader_num_workers", "1", "--cpu_threads", "0", "--seed", str(args.seed),
         "--resume_from_checkpoint", "none",
     ]
+    if variant == "bf16_residual":
+        argv.append("--bf16_residual_stream")
     if args.cache_dir:
         argv += ["--cache_dir", args.cache_dir]
     run_arguments, overrides = parse_arguments(argv)
