@@ -44,6 +44,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.models.beit.modeling_beit import BeitAttention
 
 from modeling_mfm import MFMConfig, MFMForPreTraining
+from modeling_mfm.patch_linear import use_convolution_patch_projection
 from modeling_mfm.training.benchmark import profile_steps
 from modeling_mfm.training.model_factory import keep_residual_stream_in_bf16
 from modeling_mfm.training.monitoring import peak_reserved_bytes
@@ -62,8 +63,7 @@ COMPILE_MODES = {"max_autotune": "max-autotune-no-cudagraphs", "cudagraphs": "re
 def convolution_patches(model: MFMForPreTraining) -> None:
     """The patch embedding and the decoder head as the convolutions of the official code (the package computes them
     as GEMMs, see modeling_mfm/patch_linear.py): the A/B of that change."""
-    patch_embeddings = model.mfm.backbone.embeddings.patch_embeddings
-    patch_embeddings.projection = patch_embeddings.projection.to_conv()
+    use_convolution_patch_projection(model.mfm.backbone)
     model.decode = MethodType(plain_decode, model)
 
 

@@ -14,7 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PatchEmbeddingProjection", "project_and_shuffle", "use_gemm_patch_projection"]
+__all__ = [
+    "PatchEmbeddingProjection",
+    "project_and_shuffle",
+    "use_convolution_patch_projection",
+    "use_gemm_patch_projection",
+]
 
 
 class PatchEmbeddingProjection(nn.Conv2d):
@@ -63,14 +68,29 @@ def is_patch_convolution(conv: nn.Module) -> bool:
     )
 
 
+def _patch_embeddings(backbone: nn.Module) -> nn.Module | None:
+    return getattr(getattr(backbone, "embeddings", None), "patch_embeddings", None)
+
+
 def use_gemm_patch_projection(backbone: nn.Module) -> bool:
     """Swaps a transformers ViT / BEiT backbone's patch-embedding convolution for a `PatchEmbeddingProjection`
     sharing its parameters. Returns whether there was one to swap."""
-    patch_embeddings = getattr(getattr(backbone, "embeddings", None), "patch_embeddings", None)
+    patch_embeddings = _patch_embeddings(backbone)
     projection = getattr(patch_embeddings, "projection", None)
     if isinstance(projection, PatchEmbeddingProjection) or not is_patch_convolution(projection):
         return False
     patch_embeddings.projection = PatchEmbeddingProjection.from_conv(projection)
+    return True
+
+
+def use_convolution_patch_projection(backbone: nn.Module) -> bool:
+    """The inverse of `use_gemm_patch_projection`: the plain convolution again (the official formulation, for
+    baselines and A/B measurements). Returns whether there was one to swap."""
+    patch_embeddings = _patch_embeddings(backbone)
+    projection = getattr(patch_embeddings, "projection", None)
+    if not isinstance(projection, PatchEmbeddingProjection):
+        return False
+    patch_embeddings.projection = projection.to_conv()
     return True
 
 

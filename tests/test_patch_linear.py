@@ -6,11 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_config
 from torch import nn
 
 from modeling_mfm import MFMForPreTraining
-from modeling_mfm.patch_linear import PatchEmbeddingProjection, project_and_shuffle, use_gemm_patch_projection
-from tests.conftest import tiny_config
+from modeling_mfm.patch_linear import (
+    PatchEmbeddingProjection,
+    project_and_shuffle,
+    use_convolution_patch_projection,
+    use_gemm_patch_projection,
+)
 
 
 @pytest.mark.parametrize("kernel,size", [((8, 8), (32, 32)), ((4, 8), (37, 45))])
@@ -62,6 +67,14 @@ def test_vit_models_embed_patches_with_a_gemm_and_keep_the_checkpoint_layout(bac
     assert state["mfm.backbone.embeddings.patch_embeddings.projection.weight"].shape == (32, 3, 8, 8)
     assert state["decoder.projection.weight"].shape == (8 * 8 * 3, 32, 1, 1)
     assert not use_gemm_patch_projection(model.mfm.backbone)  # already swapped
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        gemm = model.mfm(images).last_hidden_state
+        assert use_convolution_patch_projection(model.mfm.backbone)
+        assert type(model.mfm.backbone.embeddings.patch_embeddings.projection) is nn.Conv2d
+        assert not use_convolution_patch_projection(model.mfm.backbone)
+        torch.testing.assert_close(model.mfm(images).last_hidden_state, gemm, rtol=1e-5, atol=1e-5)
+        assert model.state_dict().keys() == state.keys()
     resnet = MFMForPreTraining(tiny_config("resnet"))
     assert not any(isinstance(m, PatchEmbeddingProjection) for m in resnet.modules())
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .. import official_reference as reference
 from ..modeling_mfm import MFMForPreTraining
-from ..patch_linear import PatchEmbeddingProjection
+from ..patch_linear import use_convolution_patch_projection
 from .model_factory import enable_activation_checkpointing
 
 __all__ = ["plain_config", "plain_decode", "plain_keep_masks", "plain_model", "plain_pretraining_loss",
@@ -46,11 +46,7 @@ def plain_config(config: Any) -> Any:
 def plain_model(config: Any) -> MFMForPreTraining:
     """The package's model under `plain_config`, its ViT patch embedding a convolution again."""
     model = MFMForPreTraining(plain_config(config))
-    patch_embeddings = getattr(model.mfm.backbone, "embeddings", None)
-    patch_embeddings = getattr(patch_embeddings, "patch_embeddings", None)
-    projection = getattr(patch_embeddings, "projection", None)
-    if isinstance(projection, PatchEmbeddingProjection):
-        patch_embeddings.projection = projection.to_conv()
+    use_convolution_patch_projection(model.mfm.backbone)
     return model
 
 
