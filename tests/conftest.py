@@ -7,9 +7,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
+import numpy as np
+import pytest
+from PIL import Image
 
-from modeling_mfm import MFMConfig  # noqa: E402
+from modeling_mfm import MFMConfig
 
 TINY_BACKBONES = {
     "beit": dict(
@@ -28,6 +30,15 @@ TINY_BACKBONES = {
     "convnext": dict(model_type="convnext", depths=[1, 1, 1, 1], hidden_sizes=[8, 8, 16, 16]),
     "convnextv2": dict(model_type="convnextv2", depths=[1, 1, 1, 1], hidden_sizes=[8, 8, 16, 16]),
 }
+
+
+def noise_jpegs(folder, count: int, shape: tuple[int, int], seed: int):
+    """A new folder of ``count`` random RGB JPEGs of ``shape`` (height, width)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir()
+    for i in range(count):
+        Image.fromarray((rng.random((*shape, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.jpg")
+    return folder
 
 
 def tiny_config(backbone: str = "beit", **overrides) -> MFMConfig:

@@ -9,9 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from conftest import noise_jpegs
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -37,11 +36,7 @@ def test_vit_step_variants_agree_with_float32_and_refuse_unknown_variants():
 
 
 def test_precision_convergence_compares_the_variants_loss_curves(tmp_path):
-    images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for index in range(8):
-        Image.fromarray((rng.random((40, 40, 3)) * 255).astype(np.uint8)).save(images / f"{index}.png")
+    images = noise_jpegs(tmp_path / "images", 8, (40, 40), seed=0)
     result = run("precision_convergence.py", "--train_dir", str(images), "--output_dir", str(tmp_path / "runs"),
                  "--steps", "2", "--batch_size", "4", "--logging_steps", "1", "--image_size", "32", "--layers", "1",
                  "--variants", "fp32", "bf16_residual", "--cache_dir", str(tmp_path / "cache"))

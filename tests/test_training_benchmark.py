@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from accelerate.state import AcceleratorState
-from PIL import Image
+from conftest import noise_jpegs
 
 from modeling_mfm import MFMConfig
 from modeling_mfm.training.benchmark import (
@@ -44,18 +43,9 @@ def test_training_step_benchmark_with_the_bf16_residual_stream(tiny_config_facto
         benchmark_training_step(tiny_config_factory("beit"), batch_size=2, bf16_residual_stream=True)
 
 
-def _noise_jpegs(folder, count: int, shape: tuple[int, int], seed: int):
-    """A folder of ``count`` random RGB JPEGs of ``shape`` (height, width)."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir()
-    for i in range(count):
-        Image.fromarray((rng.random((*shape, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.jpg")
-    return folder
-
-
 @pytest.mark.parametrize("decode_on_device", [False, True])
 def test_input_pipeline_benchmark_counts_images(tmp_path, decode_on_device):
-    folder = _noise_jpegs(tmp_path / "images", 5, (60, 80), seed=0)
+    folder = noise_jpegs(tmp_path / "images", 5, (60, 80), seed=0)
     (folder / "bad.jpg").write_bytes(b"nope")
     # 6 files repeated twice in one pass of 12 samples, in batches of 2: the untimed first batch, then 5 timed ones
     # (10 samples), which meet the unreadable file once or twice
@@ -69,7 +59,7 @@ def test_input_pipeline_benchmark_counts_images(tmp_path, decode_on_device):
 
 
 def test_transform_stages_add_up_to_one_workers_time(tmp_path):
-    folder = _noise_jpegs(tmp_path / "images", 3, (300, 400), seed=2)
+    folder = noise_jpegs(tmp_path / "images", 3, (300, 400), seed=2)
     result = benchmark_transform_stages(str(folder), image_size=64, passes=2, cache_dir=str(tmp_path / "cache"))
     assert result["folder_images"] == 3
     stages = [result[f"{name}_ms"] for name in ("open", "decode", "crop_resize")]
@@ -110,7 +100,7 @@ def test_batch_size_sweep_reports_memory_per_batch_and_survives_out_of_memory(tm
 def test_benchmark_script_writes_json(tmp_path):
     import json
 
-    images = _noise_jpegs(tmp_path / "images", 4, (50, 50), seed=1)
+    images = noise_jpegs(tmp_path / "images", 4, (50, 50), seed=1)
     module = _benchmark_script()
     try:
         code = module.main(["--models", "mfm-vit-tiny", "--image_size", "32", "--batch_size", "2", "--steps", "1",
