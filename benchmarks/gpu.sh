@@ -6,8 +6,8 @@
 # Modes (each fits one call of a 15-minute lease):
 #   table (default, about 9 minutes): the training step eager, compiled and compiled with CUDA graphs, float32,
 #     memory at batch 256 and 512 with and without gradient checkpointing, the input pipeline.
-#   quick (at most 540 s): benchmarks/vit_step_variants.py (the ViT-B/16 variants, compiled, with a profiler table
-#     each; then at batch 256), ResNet-50 with CUDA graphs at batch 256.
+#   quick (at most 470 s): benchmarks/vit_step_variants.py (the ViT-B/16 variants, compiled, with a profiler table
+#     each; then at batch 512), ResNet-50 with CUDA graphs.
 #   autotune (at most 560 s): the ViT-B/16 step with Inductor's max-autotune, alone and with the bf16 residual stream.
 #   profile (about 5 minutes): torch.profiler tables of the eager ViT-B/16 and ResNet-50 steps and of the compiled
 #     ViT-B/16 step, the step with only the encoder compiled, and the input pipeline for 1 to 15 workers.
@@ -53,20 +53,20 @@ if [ "$mode" = table ]; then
     step memory_sweep 75 --models mfm-vit-base --batch_size 256 512 --mixed_precision bf16
     step memory_sweep_gc 75 --models mfm-vit-base --batch_size 256 512 --mixed_precision bf16 --gradient_checkpointing
 elif [ "$mode" = quick ]; then
-    # the ViT-B/16 step: the patch convolutions (as before) against the GEMMs (now the package's), the bf16 residual
-    # stream, CUDA graphs; compiled, with their agreement with float32 and a profiler table each (20-30 s of
-    # compilation each)
+    # the ViT-B/16 step: as it was (patch convolutions, complex FFTs, three QKV projections), the package's without
+    # fused QKV, the package's, the bf16 residual stream, with CUDA graphs; compiled, with their agreement with
+    # float32 and a profiler table each (20-30 s of compilation each)
     echo "== vit_step_variants"
-    timeout 250 python benchmarks/vit_step_variants.py --profile_dir "$results" > "$results/vit_step_variants.txt" \
+    timeout 230 python benchmarks/vit_step_variants.py --profile_dir "$results" > "$results/vit_step_variants.txt" \
         2>&1 || echo "!! vit_step_variants failed or timed out ($?)"
     grep -E "img/s|FAILED|^float32|^mfm" "$results/vit_step_variants.txt"
-    echo "== vit_step_variants_b256"
-    timeout 150 python benchmarks/vit_step_variants.py --batch_size 256 --steps 15 --variants autocast \
-        bf16_residual+cudagraphs > "$results/vit_step_variants_b256.txt" 2>&1 \
-        || echo "!! vit_step_variants_b256 failed or timed out ($?)"
-    grep -E "img/s|FAILED|^float32|^mfm" "$results/vit_step_variants_b256.txt"
-    # ResNet-50 with CUDA graphs at batch 256 (batch 128: 4,411-4,559 img/s, with and without cuDNN autotuning)
-    step resnet_cudagraphs_b256 140 --models mfm-resnet50 --batch_size 256 --mixed_precision bf16 --torch_compile \
+    echo "== vit_step_variants_b512"
+    timeout 130 python benchmarks/vit_step_variants.py --batch_size 512 --steps 10 --variants autocast \
+        bf16_residual+cudagraphs > "$results/vit_step_variants_b512.txt" 2>&1 \
+        || echo "!! vit_step_variants_b512 failed or timed out ($?)"
+    grep -E "img/s|FAILED|^float32|^mfm" "$results/vit_step_variants_b512.txt"
+    # ResNet-50 with CUDA graphs at batch 128 (4,411-4,559 img/s with complex FFTs, 4,582 with the real-input ones)
+    step resnet_cudagraphs 110 --models mfm-resnet50 --batch_size 128 --mixed_precision bf16 --torch_compile \
         --compile_mode reduce-overhead
 elif [ "$mode" = autotune ]; then
     # Inductor's max-autotune (Triton GEMM templates with the bias and GELU fused in), alone and with the bf16

@@ -1,31 +1,33 @@
 """Which changes bring the compiled ViT-B/16 MFM training step to its 3,500 img/s target, and what does each cost in
 agreement with float32? One run on a GPU measures them side by side.
 
-Measured on an H100 (torch 2.11, bf16, batch 128, compiled; README "What limits further speed"): the package's
-step 2,825 img/s; the bf16 residual stream 2,983 (now the opt-in ``--bf16_residual_stream``); fused QKV 2,853 (+1 %,
-left out); flash instead of cuDNN attention 2,847; the bf16 stream with fused QKV 3,006, and 3,198 / 3,233 (with CUDA
-graphs) at batch 256. Max-autotune had not finished compiling after 245 s. The profile of that step then showed the
-two patch convolutions (the embedding and the decoder head) at about 2.1 ms of its 42 ms; the package now computes
-them as GEMMs, and ``conv_patches`` puts the convolutions back for the A/B.
+Measured on an H100 (torch 2.11, bf16, compiled; README "What limits further speed"), batch 128: the package's
+step as it was (patch convolutions, complex FFTs, three QKV projections) 2,845 img/s; with the patch GEMMs 2,965;
+with the real-input FFTs as well 2,956 (the FFT kernels take 0.5 ms less of the 41 ms step: within the noise); the
+bf16 residual stream 3,088; with fused QKV 3,138 (the package's step since). Batch 512: the package 3,336; the bf16
+stream, fused QKV and CUDA graphs 3,484, 3,518 with flash attention; batch 768: 3,526. Max-autotune had not finished
+compiling after 245 s.
 
-Variants are applied from outside the package (hooks and patched methods), so that nothing changes in it until a
-variant has earned its place; join parts with "+" to combine them.
+Variants are applied from outside the package (hooks, patched methods and the package's own switches), so that
+nothing changes in it until a variant has earned its place; join parts with "+" to combine them.
 
 - ``autocast``: the package's step (bf16 autocast; the residual stream stays float32: the embeddings concatenate the
   bf16 patch embeddings with the float32 class token, LayerNorm returns float32, and a residual add of a bf16 branch
   to a float32 stream is float32).
 - ``conv_patches``: the patch embedding and the decoder head as cuDNN convolutions, as before they became GEMMs.
+- ``complex_fft``: the corruption and the loss with complex FFTs of the whole spectrum, as before the package used
+  the real-input FFTs (half the spectrum; the other half of ``|F|²`` by symmetry).
 - ``bf16_residual``: the package's ``keep_residual_stream_in_bf16`` (``--bf16_residual_stream``): the embeddings'
   output is cast to bf16 once, so that the residual adds run in bf16 and LayerNorm reads bf16.
-- ``fused_qkv``: one (768 x 2304) projection for queries, keys and values, as the official and timm ViTs compute
-  it, instead of BEiT's three (768 x 768) ones (the weights concatenated on the fly; the same function).
+- ``separate_qkv``: BEiT's three (768 x 768) projections for queries, keys and values, as transformers computes
+  them, instead of the package's one (768 x 2304) GEMM (modeling_mfm/qkv_projection.py).
 - ``flash`` / ``cudnn`` / ``efficient``: force that SDPA kernel (the default on an H100 is cuDNN's).
 - ``max_autotune``: Inductor's ``max-autotune-no-cudagraphs`` mode (Triton GEMM templates, into which it can fuse
   the bias and GELU epilogues; compilation takes minutes).
 - ``cudagraphs``: the ``reduce-overhead`` mode.
 
     python benchmarks/vit_step_variants.py                       # on a GPU: mfm-vit-base, batch 128, compiled
-    python benchmarks/vit_step_variants.py --batch_size 256 --variants autocast bf16_residual+fused_qkv+flash
+    python benchmarks/vit_step_variants.py --batch_size 512 --variants autocast bf16_residual+cudagraphs+flash
     python benchmarks/vit_step_variants.py --preset mfm-vit-tiny --batch_size 4 --image_size 64 --device cpu --eager
 """
 
@@ -39,19 +41,19 @@ import time
 from types import MethodType
 
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers.models.beit.modeling_beit import BeitAttention
 
-from modeling_mfm import MFMConfig, MFMForPreTraining
+from modeling_mfm import FrequencyLoss, MFMConfig, MFMForPreTraining
 from modeling_mfm.patch_linear import use_convolution_patch_projection
+from modeling_mfm.qkv_projection import use_separate_qkv_projections
 from modeling_mfm.training.benchmark import profile_steps
 from modeling_mfm.training.model_factory import keep_residual_stream_in_bf16
 from modeling_mfm.training.monitoring import peak_reserved_bytes
 from modeling_mfm.training.optim import build_optimizer
 from modeling_mfm.training.plain_step import plain_decode
 
-DEFAULT_VARIANTS = ("conv_patches", "autocast", "bf16_residual", "bf16_residual+cudagraphs")
+DEFAULT_VARIANTS = ("conv_patches+complex_fft+separate_qkv", "separate_qkv", "autocast", "bf16_residual",
+                    "bf16_residual+cudagraphs")
 ATTENTION_KERNELS = {
     "flash": SDPBackend.FLASH_ATTENTION,
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -67,38 +69,51 @@ def convolution_patches(model: MFMForPreTraining) -> None:
     model.decode = MethodType(plain_decode, model)
 
 
-def _fused_qkv_forward(
-    self: BeitAttention, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
-) -> tuple[torch.Tensor, None]:
-    """BeitAttention.forward with the three projections as one GEMM (no relative position bias, no mask: the MFM
-    encoders have neither)."""
-    key_bias = self.k_proj.bias if self.k_proj.bias is not None else torch.zeros_like(self.q_proj.bias)
-    weight = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
-    bias = torch.cat((self.q_proj.bias, key_bias, self.v_proj.bias))
-    batch, tokens, _ = hidden_states.shape
-    qkv = F.linear(hidden_states, weight, bias).view(batch, tokens, 3, -1, self.head_dim)
-    query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
-    dropout = self.attention_dropout if self.training else 0.0
-    attended = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                              scale=self.scaling)
-    return self.o_proj(attended.transpose(1, 2).reshape(batch, tokens, -1)), None
+def _complex_fft_corrupt(
+    self: MFMForPreTraining, pixel_values: torch.Tensor, frequency_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MFMForPreTraining.corrupt with the complex FFTs of the whole spectrum, as before the real-input FFTs."""
+    with torch.autocast(pixel_values.device.type, enabled=False):
+        images = self.unnormalize(pixel_values.float())
+        batch, _, height, width = pixel_values.shape
+        if frequency_mask is None:
+            frequency_mask = self.sample_frequency_mask(batch, height, width, pixel_values.device)
+        keep = torch.fft.ifftshift(frequency_mask.float(), dim=(-2, -1))[:, None]
+        spectrum = torch.view_as_real(torch.fft.fft2(images))
+        corrupted = torch.fft.ifft2(torch.view_as_complex(spectrum * keep[..., None])).real.clamp(0.0, 1.0)
+        return self.normalize(corrupted).to(pixel_values.dtype), frequency_mask
 
 
-def fuse_qkv_projections(model: MFMForPreTraining) -> None:
-    for module in model.modules():
-        if isinstance(module, BeitAttention):
-            module.forward = MethodType(_fused_qkv_forward, module)
+def _complex_fft_loss(
+    self: FrequencyLoss, pred: torch.Tensor, target: torch.Tensor, matrix: torch.Tensor | None = None
+) -> torch.Tensor:
+    """FrequencyLoss.forward with the complex FFT of the whole spectrum, as before the real-input FFT."""
+    with torch.autocast(pred.device.type, enabled=False):
+        residual = pred.float() - target.float()
+        if self.ave_spectrum:
+            residual = residual.mean(0, keepdim=True)
+        difference = torch.view_as_real(torch.fft.fft2(self._patches(residual), norm="ortho"))
+        dist2 = torch.fft.fftshift(difference.square().sum(-1), dim=(-2, -1))
+        loss = torch.sqrt(dist2 + 1e-12) ** self.loss_gamma
+        return self._weight_matrix(dist2, matrix) * loss if self.with_matrix else loss
+
+
+def complex_ffts(model: MFMForPreTraining) -> None:
+    """The corruption and the loss with complex FFTs of the whole spectrum: the A/B of the real-input FFTs."""
+    model.corrupt = MethodType(_complex_fft_corrupt, model)
+    model.frequency_loss.forward = MethodType(_complex_fft_loss, model.frequency_loss)
 
 
 PATCHES = {
     "bf16_residual": keep_residual_stream_in_bf16,
-    "fused_qkv": fuse_qkv_projections,
+    "separate_qkv": use_separate_qkv_projections,
     "conv_patches": convolution_patches,
+    "complex_fft": complex_ffts,
 }
 
 
 def parse_variant(name: str) -> tuple[list, SDPBackend | None, str | None]:
-    """"bf16_residual+fused_qkv+flash" -> (model patches, forced attention kernel, compile mode)."""
+    """"bf16_residual+separate_qkv+flash" -> (model patches, forced attention kernel, compile mode)."""
     patches, kernel, mode = [], None, None
     for part in name.split("+"):
         if part in PATCHES:

@@ -114,14 +114,35 @@ def filter_frequencies(images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor
     if images.dim() != 4:
         raise ValueError(f"images must be (B, C, H, W), got {tuple(images.shape)}")
     keep = _keep_as_4d(keep, images)
+    height, width = images.shape[-2:]
     with _autocast_off(images):
         # shifting the (B, 1, H, W) real mask to the FFT's layout moves 6-12x fewer bytes than shifting the complex
         # (B, C, H, W) spectrum there and back; the products are the same numbers
         keep = torch.fft.ifftshift(keep.float(), dim=(-2, -1))
+        # a real image has a Hermitian spectrum F(-k) = conj(F(k)), so Re ifft2(F * keep) = ifft2(F * sym(keep)) with
+        # sym(keep)(k) = (keep(k) + keep(-k)) / 2: the real-input FFTs (half the spectrum, no real-to-complex copy)
+        # give the same image for any mask (the MFM masks are symmetric already)
+        keep = 0.5 * (keep + _negated_frequencies(keep))[..., : width // 2 + 1]
         # the product on the real and imaginary parts as a real tensor, which torch.compile can fuse
-        spectrum = torch.view_as_real(torch.fft.fft2(images.float()))
-        filtered = torch.fft.ifft2(torch.view_as_complex(spectrum * keep[..., None])).real
+        spectrum = torch.view_as_real(torch.fft.rfft2(images.float()))
+        filtered = torch.fft.irfft2(torch.view_as_complex(spectrum * keep[..., None]), s=(height, width))
         return filtered.clamp(0.0, 1.0).to(images.dtype)
+
+
+def _negated_frequencies(values: torch.Tensor) -> torch.Tensor:
+    """``values[..., -ky mod H, -kx mod W]`` for a tensor over the two last (FFT-layout frequency) dimensions."""
+    return torch.roll(values.flip(-2, -1), shifts=(1, 1), dims=(-2, -1))
+
+
+def _full_power_spectrum(half: torch.Tensor, width: int) -> torch.Tensor:
+    """``|F|²`` over all ``width`` columns from the ``width // 2 + 1`` columns of a real input's ``rfft2``.
+
+    The missing columns ``kx > width // 2`` hold ``|F(-ky, width - kx)|²`` (a Hermitian spectrum's magnitudes are
+    symmetric under k -> -k), so they are the columns ``1 .. width - width // 2 - 1`` mirrored in both directions.
+    """
+    mirrored = half[..., 1 : width - width // 2].flip(-1)
+    mirrored = torch.roll(mirrored.flip(-2), shifts=1, dims=-2)
+    return torch.cat([half, mirrored], dim=-1)
 
 
 class FrequencyLoss(nn.Module):
@@ -170,10 +191,10 @@ class FrequencyLoss(nn.Module):
 
     def to_spectrum(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> centred orthonormal spectra of the patches, complex (B, P, C, H/pf, W/pf)."""
-        return torch.fft.fftshift(self._patch_spectrum(images), dim=(-2, -1))
+        return torch.fft.fftshift(torch.fft.fft2(self._patches(images), norm="ortho"), dim=(-2, -1))
 
-    def _patch_spectrum(self, images: torch.Tensor) -> torch.Tensor:
-        """`to_spectrum` in the FFT's own layout (zero frequency at index 0)."""
+    def _patches(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> float32 patches (B, P, C, H/pf, W/pf) in row-major patch order, as the official loop."""
         batch, channels, height, width = images.shape
         pf = self.patch_factor
         if height % pf or width % pf:
@@ -181,8 +202,7 @@ class FrequencyLoss(nn.Module):
         ph, pw = height // pf, width // pf
         # (B, C, pf, ph, pf, pw) -> (B, pf, pf, C, ph, pw): patches in row-major order, as the official loop
         patches = images.float().reshape(batch, channels, pf, ph, pf, pw).permute(0, 2, 4, 1, 3, 5)
-        patches = patches.reshape(batch, pf * pf, channels, ph, pw)
-        return torch.fft.fft2(patches, norm="ortho")
+        return patches.reshape(batch, pf * pf, channels, ph, pw)
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, matrix: torch.Tensor | None = None) -> torch.Tensor:
         if pred.shape != target.shape or pred.dim() != 4:
@@ -194,10 +214,13 @@ class FrequencyLoss(nn.Module):
             residual = pred.float() - target.float()
             if self.ave_spectrum:
                 residual = residual.mean(0, keepdim=True)
-            # real and imaginary parts as a real tensor: element-wise work that torch.compile can fuse (it generates
-            # no code for complex operators); centred layout from here, one shift of a real tensor
-            diff = torch.view_as_real(self._patch_spectrum(residual))
-            dist2 = torch.fft.fftshift(diff.square().sum(-1), dim=(-2, -1))
+            # the real-input FFT (half the spectrum, no real-to-complex copy); real and imaginary parts as a real
+            # tensor: element-wise work that torch.compile can fuse (it generates no code for complex operators);
+            # the other half of |F|² by symmetry, then the centred layout, one shift of a real tensor
+            patches = self._patches(residual)
+            diff = torch.view_as_real(torch.fft.rfft2(patches, norm="ortho"))
+            dist2 = _full_power_spectrum(diff.square().sum(-1), patches.shape[-1])
+            dist2 = torch.fft.fftshift(dist2, dim=(-2, -1))
             loss = torch.sqrt(dist2 + 1e-12) ** self.loss_gamma
             if self.with_matrix:
                 loss = self._weight_matrix(dist2, matrix) * loss

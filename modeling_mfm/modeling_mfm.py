@@ -26,6 +26,7 @@ from .corruptions import degrade
 from .frequency import FrequencyLoss, filter_frequencies, low_pass_mask, masked_frequency_loss, sample_frequency_masks
 from .image_attention import image_attention_implementation
 from .patch_linear import project_and_shuffle, use_gemm_patch_projection
+from .qkv_projection import use_fused_qkv_projection
 
 __all__ = [
     "MFMForImageClassification",
@@ -212,6 +213,7 @@ class MFMModel(MFMPreTrainedModel):
         self.backbone = AutoModel.from_config(config.backbone_config, **backbone_kwargs)
         _skip_unit_layer_scales(self.backbone)
         use_gemm_patch_projection(self.backbone)  # the patch convolution as one GEMM (see patch_linear)
+        use_fused_qkv_projection(self.backbone)  # queries, keys and values from one GEMM (see qkv_projection)
         self.fc_norm = None
         if add_pooling_layer and config.is_vit:
             eps = getattr(config.backbone_config, "layer_norm_eps", 1e-6)
@@ -335,6 +337,7 @@ class MFMTransformerDecoder(nn.Module):
         self.position_embeddings = nn.Parameter(torch.zeros(1, num_patches + 1, config.decoder_hidden_size))
         self.layers = nn.ModuleList([BeitLayer(self.layer_config) for _ in range(config.decoder_depth)])
         _skip_unit_layer_scales(self.layers)
+        use_fused_qkv_projection(self.layers)
         self.layernorm = nn.LayerNorm(config.decoder_hidden_size, eps=eps)
         self.projection = nn.Conv2d(config.decoder_hidden_size, self.stride**2 * config.num_channels, kernel_size=1)
 

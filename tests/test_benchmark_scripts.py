@@ -25,10 +25,10 @@ def run(script: str, *arguments: str) -> subprocess.CompletedProcess:
 def test_vit_step_variants_agree_with_float32_and_refuse_unknown_variants():
     result = run("vit_step_variants.py", "--preset", "mfm-vit-tiny", "--batch_size", "2", "--image_size", "32",
                  "--device", "cpu", "--eager", "--steps", "1",
-                 "--variants", "autocast", "conv_patches", "bf16_residual", "fused_qkv+flash")
+                 "--variants", "autocast", "conv_patches+complex_fft", "bf16_residual", "separate_qkv+flash")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = dict(re.findall(r"^(\S+)\s+loss [\d.]+ \(rel\. diff\. ([\d.e+-]+)\)", result.stdout, re.MULTILINE))
-    assert set(rows) == {"autocast", "conv_patches", "bf16_residual", "fused_qkv+flash"}, result.stdout
+    assert set(rows) == {"autocast", "conv_patches+complex_fft", "bf16_residual", "separate_qkv+flash"}, result.stdout
     assert all(float(difference) < 1e-3 for difference in rows.values()), rows  # bf16 rounding, nothing more
 
     refused = run("vit_step_variants.py", "--variants", "autocast+warp_drive")

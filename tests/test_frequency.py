@@ -69,6 +69,18 @@ def test_filter_frequencies_matches_numpy(size):
     torch.testing.assert_close(filter_frequencies(images[:1], keep[0]), ours[:1])
 
 
+@pytest.mark.parametrize("size", [(16, 16), (15, 10), (9, 7)])
+def test_filter_frequencies_with_an_asymmetric_mask_keeps_the_real_part(size):
+    # the real-input FFTs see only the part of the mask symmetric under k -> -k: the real part of the full
+    # complex result must come out for any mask, also for odd sizes (no Nyquist row or column)
+    g = torch.Generator().manual_seed(3)
+    images = torch.rand(2, 3, *size, generator=g)
+    keep = (torch.rand(2, *size, generator=g) > 0.5).float()
+    assert not torch.equal(keep, keep.flip(-2, -1))
+    expected = np.clip(numpy_filter(images.numpy(), keep.numpy()[:, None]), 0, 1)
+    np.testing.assert_allclose(filter_frequencies(images, keep).numpy(), expected, atol=1e-6)
+
+
 def test_all_ones_mask_is_identity_up_to_clamping():
     images = torch.rand(2, 3, 16, 16) * 1.4 - 0.2  # some values outside [0, 1]
     out = filter_frequencies(images, torch.ones(16, 16))
@@ -190,6 +202,31 @@ def test_frequency_loss_predefined_matrix_and_gradient():
                                                                   matrix=matrix), rtol=1e-4, atol=1e-6)
     ours.mean().backward()
     assert pred.grad is not None and torch.isfinite(pred.grad).all()
+
+
+@pytest.mark.parametrize("size", [(9, 7), (12, 10), (10, 11)])
+def test_frequency_loss_on_odd_and_uneven_sizes(size):
+    # the loss rebuilds the columns right of W // 2 from the real-input FFT's half spectrum: odd and even widths
+    g = torch.Generator().manual_seed(4)
+    pred, target = torch.randn(2, 3, *size, generator=g), torch.randn(2, 3, *size, generator=g)
+    for options in (dict(), dict(with_matrix=True, loss_gamma=2.0)):
+        expected = direct_loss(pred, target, gamma=options.get("loss_gamma", 1.0),
+                               with_matrix=options.get("with_matrix", False))
+        np.testing.assert_allclose(FrequencyLoss(**options)(pred, target).numpy(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_frequency_loss_gradient_matches_the_full_complex_spectrum():
+    # the gradient through the half spectrum and its mirrored columns against the plain complex FFT of every
+    # frequency in float64 (a weighted sum, so every frequency's gradient counts)
+    g = torch.Generator().manual_seed(5)
+    pred, target = torch.randn(2, 3, 12, 9, generator=g), torch.randn(2, 3, 12, 9, generator=g)
+    weights = torch.rand(2, 1, 3, 12, 9, generator=g)
+    pred.requires_grad_(True)
+    (FrequencyLoss(loss_gamma=1.5)(pred, target) * weights).sum().backward()
+    reference = pred.detach().double().requires_grad_(True)
+    spectrum = torch.fft.fftshift(torch.fft.fft2(reference - target.double(), norm="ortho"), dim=(-2, -1))
+    ((spectrum.abs() ** 2 + 1e-12) ** 0.75 * weights[:, 0].double()).sum().backward()
+    torch.testing.assert_close(pred.grad.double(), reference.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_frequency_loss_is_float32_under_autocast():
