@@ -95,24 +95,24 @@ _FUSED = {BeitAttention: FusedQKVBeitAttention, ViTAttention: FusedQKVViTAttenti
 _SEPARATE = {fused: separate for separate, fused in _FUSED.items()}
 
 
-def use_fused_qkv_projection(module: nn.Module) -> int:
-    """Switches every transformers BEiT/ViT attention under ``module`` to the fused projection (in place: only the
-    class changes, parameters, buffers and hooks stay). Returns how many were switched."""
+def _switch_classes(module: nn.Module, classes: dict[type, type]) -> int:
+    """Gives every submodule whose exact class is a key of ``classes`` the matching class (in place: parameters,
+    buffers and hooks stay). Returns how many were switched."""
     switched = 0
     for child in module.modules():
-        fused = _FUSED.get(type(child))
-        if fused is not None:
-            child.__class__ = fused
+        target = classes.get(type(child))
+        if target is not None:
+            child.__class__ = target
             switched += 1
     return switched
+
+
+def use_fused_qkv_projection(module: nn.Module) -> int:
+    """Switches every transformers BEiT/ViT attention under ``module`` to the fused projection (only the class
+    changes). Returns how many were switched."""
+    return _switch_classes(module, _FUSED)
 
 
 def use_separate_qkv_projections(module: nn.Module) -> int:
     """The inverse of `use_fused_qkv_projection`: transformers' own three projections (the plain baseline, A/Bs)."""
-    switched = 0
-    for child in module.modules():
-        separate = _SEPARATE.get(type(child))
-        if separate is not None:
-            child.__class__ = separate
-            switched += 1
-    return switched
+    return _switch_classes(module, _SEPARATE)
