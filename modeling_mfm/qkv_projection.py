@@ -10,6 +10,11 @@ concatenated on the fly, which costs a copy of 3·D² weights per layer and step
 back. The attention itself still goes through transformers' attention interface, so ``attn_implementation``
 (SDPA, eager, flex...) and ``output_attentions`` behave as before.
 
+The fused path only reads the three layers' weights, so it is taken only where that is what they compute: plain
+``nn.Linear`` layers without hooks. A layer replaced by an adapter (PEFT's LoRA wraps ``q_proj``/``v_proj``), a
+quantised subclass, a hooked layer or one whose forward Accelerate wrapped (offloading) sends the attention through
+transformers' forward, which calls the layers.
+
 Only on the devices in `FUSED_DEVICE_TYPES` (CUDA): on a CPU the fused step was slower (ViT-B/16 float32, batch 4,
 eager: 2,846 against 2,693 ms and 3,042 against 2,931 ms), so there the layers run transformers' own forward.
 """
@@ -39,6 +44,16 @@ __all__ = [
 FUSED_DEVICE_TYPES = ("cuda",)
 
 
+def _is_plain_linear(layer: nn.Module) -> bool:
+    """A layer that computes exactly ``F.linear(x, layer.weight, layer.bias)``: an ``nn.Linear``, no subclass, no
+    hooks, no forward replaced on the instance (as Accelerate's offloading hooks do)."""
+    return (
+        type(layer) is nn.Linear
+        and getattr(layer.forward, "__func__", None) is nn.Linear.forward
+        and not (layer._forward_hooks or layer._forward_pre_hooks)
+    )
+
+
 def _fused_qkv_attention_forward(
     self: BeitAttention | ViTAttention,
     hidden_states: torch.Tensor,
@@ -46,9 +61,9 @@ def _fused_qkv_attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The transformers BEiT/ViT attention forward with the three projections computed as one GEMM."""
-    if hidden_states.device.type not in FUSED_DEVICE_TYPES:
-        return self.separate_forward(hidden_states, attention_mask, **kwargs)
     projections = (self.q_proj, self.k_proj, self.v_proj)
+    if hidden_states.device.type not in FUSED_DEVICE_TYPES or not all(map(_is_plain_linear, projections)):
+        return self.separate_forward(hidden_states, attention_mask, **kwargs)
     weight = torch.cat([projection.weight for projection in projections])
     bias = None
     if any(projection.bias is not None for projection in projections):  # BEiT has no key bias: zeros in its place

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_config
+from torch.overrides import TorchFunctionMode
 from transformers import BeitConfig, BeitModel, ViTConfig
 from transformers.models.beit.modeling_beit import BeitAttention
 from transformers.models.vit.modeling_vit import ViTAttention
@@ -118,17 +119,30 @@ def test_pretraining_loss_is_unchanged_by_the_fusion(fused_on_cpu):
     torch.testing.assert_close(fused, separate, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("fused_devices,expected_layer_calls", [(("cuda",), 3), (("cuda", "cpu"), 0)])
-def test_only_the_listed_devices_take_the_fused_gemm(monkeypatch, fused_devices, expected_layer_calls):
-    # the separate path calls the three projection layers; the fused one multiplies by their concatenated weights
+class LinearShapes(TorchFunctionMode):
+    """Records the weight shape of every F.linear call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.linear:
+            self.shapes.append(tuple(args[1].shape))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("fused_devices,expected_shapes", [
+    (("cuda",), [(24, 24)] * 4),  # three projections and the output one
+    (("cuda", "cpu"), [(72, 24), (24, 24)]),  # one fused GEMM and the output projection
+])
+def test_only_the_listed_devices_take_the_fused_gemm(monkeypatch, fused_devices, expected_shapes):
     monkeypatch.setattr(qkv_projection, "FUSED_DEVICE_TYPES", fused_devices)
     attention = make_attention("vit", "sdpa", qkv_bias=True)
     use_fused_qkv_projection(attention)
-    calls = []
-    for projection in (attention.q_proj, attention.k_proj, attention.v_proj):
-        projection.register_forward_hook(lambda *_: calls.append(1))
-    attention(torch.randn(1, 4, 24, dtype=torch.float64))
-    assert len(calls) == expected_layer_calls
+    with LinearShapes() as recorded:
+        attention(torch.randn(1, 4, 24, dtype=torch.float64))
+    assert recorded.shapes == expected_shapes
 
 
 @pytest.mark.parametrize("backbone", ["beit", "vit"])
@@ -144,3 +158,63 @@ def test_fused_encoder_compiles_without_graph_breaks(backbone, fused_on_cpu):
     torch._dynamo.reset()
     compiled = torch.compile(model)(pixel_values=pixels, frequency_mask=mask).loss
     torch.testing.assert_close(compiled, model(pixel_values=pixels, frequency_mask=mask).loss, rtol=1e-5, atol=1e-6)
+
+
+class LowRankAdapted(torch.nn.Module):
+    """A LoRA-style wrapper as PEFT builds one: the base layer plus a low-rank update, exposing the base weight."""
+
+    def __init__(self, base: torch.nn.Linear) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.down = torch.nn.Linear(base.in_features, 2, bias=False).double()
+        self.up = torch.nn.Linear(2, base.out_features, bias=False).double()
+        torch.nn.init.normal_(self.up.weight)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(hidden) + self.up(self.down(hidden))
+
+
+def test_adapted_or_hooked_projections_are_not_bypassed(fused_on_cpu):
+    # the fused GEMM reads only the weights: an adapter's update or a hook on a projection must still take effect
+    torch.manual_seed(0)
+    attention = make_attention("beit", "sdpa", qkv_bias=True)
+    hidden = torch.randn(2, 5, 24, dtype=torch.float64)
+    attention.v_proj = LowRankAdapted(attention.v_proj)
+    expected = attention_by_hand(attention, hidden)
+    use_fused_qkv_projection(attention)
+    torch.testing.assert_close(attention(hidden)[0], expected, rtol=1e-10, atol=1e-10)
+
+    attention.v_proj = attention.v_proj.base_layer
+    seen = []
+    handle = attention.k_proj.register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    attention(hidden)
+    assert seen == [(2, 5, 24)]
+    handle.remove()
+    calls = []
+    handle = attention.k_proj.register_forward_pre_hook(lambda *_: calls.append(1))
+    attention(hidden)
+    assert calls == [1]
+    handle.remove()
+    # a forward replaced on the instance, as Accelerate's hooks do for offloaded weights
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    class CountCalls(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            calls.append(2)
+            return args, kwargs
+
+    add_hook_to_module(attention.q_proj, CountCalls())
+    attention(hidden)
+    assert calls == [1, 2]
+    remove_hook_from_module(attention.q_proj)  # plain layers again: the fused GEMM again
+    with LinearShapes() as recorded:
+        attention(hidden)
+    assert recorded.shapes == [(72, 24), (24, 24)]
