@@ -97,7 +97,7 @@ def keep_residual_stream_in_bf16(model: MFMForPreTraining) -> torch.utils.hooks.
     residual adds of every block, and LayerNorm's reads, move bf16 instead of float32 tensors. Opt-in
     (``--bf16_residual_stream``): plain autocast, like the official fp16 recipe, keeps the stream in float32 (linear
     layers return bf16, LayerNorm float32, and a bf16 branch added to a float32 stream is float32). Measured: the
-    compiled ViT-B/16 step 5.6 % faster on an H100; in small CPU runs, the loss 0.07-0.32 % higher late in
+    compiled ViT-B/16 step 4.5-5.6 % faster on an H100; in small CPU runs, the loss 0.07-0.32 % higher late in
     training and the linear probe 0.5-2.5 points lower (README).
     Outside bf16 autocast the hook changes nothing. Returns the hook's handle (``.remove()`` undoes it)."""
     if not model.config.is_vit:
