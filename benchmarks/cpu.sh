@@ -12,7 +12,7 @@ images=${1:?image folder}
 results=${2:?results folder}
 mkdir -p "$results"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-bench="python run_scripts/benchmark.py --cpu --image_size 224"
+bench="python benchmarks/benchmark.py --cpu --image_size 224"
 step() {  # name, arguments...
     local name=$1
     shift

@@ -27,7 +27,7 @@ results=${2:?results folder}
 mode=${3:-table}
 mkdir -p "$results"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-bench="python run_scripts/benchmark.py --image_size 224 --peak_tflops 989 --steps 20 --warmup_steps 3"
+bench="python benchmarks/benchmark.py --image_size 224 --peak_tflops 989 --steps 20 --warmup_steps 3"
 step() {  # name, seconds allowed, arguments...
     local name=$1 seconds=$2
     shift 2

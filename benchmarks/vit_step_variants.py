@@ -41,16 +41,16 @@ import time
 from types import MethodType
 
 import torch
+from plain_step import plain_decode
+from step_benchmark import profile_steps
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from modeling_mfm import FrequencyLoss, MFMConfig, MFMForPreTraining
 from modeling_mfm.patch_linear import use_convolution_patch_projection
 from modeling_mfm.qkv_projection import use_separate_qkv_projections
-from modeling_mfm.training.benchmark import profile_steps
 from modeling_mfm.training.model_factory import keep_residual_stream_in_bf16
 from modeling_mfm.training.monitoring import peak_reserved_bytes
 from modeling_mfm.training.optim import build_optimizer
-from modeling_mfm.training.plain_step import plain_decode
 
 DEFAULT_VARIANTS = ("conv_patches+complex_fft+separate_qkv", "separate_qkv", "autocast", "bf16_residual",
                     "bf16_residual+cudagraphs")

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from modeling_mfm.release import HUB_NAMESPACE, write_release_cards
+from modeling_mfm.conversion.release import HUB_NAMESPACE, write_release_cards
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "model_cards"
 

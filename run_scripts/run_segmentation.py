@@ -5,7 +5,7 @@
         --data_dir ADEChallengeData2016 --output_dir <dir>
 
 Every option: ``--help``; the logic lives in ``modeling_mfm.training.segmentation_training`` and
-``modeling_mfm.segmentation``.
+``modeling_mfm.training.segmentation_model``.
 """
 
 import logging

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
+from types import ModuleType
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -12,6 +16,10 @@ import pytest
 from PIL import Image
 
 from modeling_mfm import MFMConfig
+
+REPO = Path(__file__).resolve().parents[1]
+# benchmarks/ is a folder of scripts and their helper modules, not an installed package
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 TINY_BACKBONES = {
     "beit": dict(
@@ -51,3 +59,12 @@ def tiny_config(backbone: str = "beit", **overrides) -> MFMConfig:
 @pytest.fixture
 def tiny_config_factory():
     return tiny_config
+
+
+def load_script(relative_path: str) -> ModuleType:
+    """A script of the repository (e.g. ``run_scripts/run_pretrain.py``) imported as a module, to call its main()."""
+    path = REPO / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem + "_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -106,7 +106,7 @@ def test_bad_values_are_refused():
 
 def test_upernet_backbone_names():
     from modeling_mfm import MFMForPreTraining
-    from modeling_mfm.segmentation import upernet_from_mfm
+    from modeling_mfm.training.segmentation_model import upernet_from_mfm
 
     layers = 4
     source = MFMForPreTraining(tiny_config("beit", backbone_config={**TINY_BACKBONES["beit"],

@@ -11,8 +11,8 @@ import pytest
 from huggingface_hub import ModelCard, ModelCardData, metadata_load
 
 from modeling_mfm import MFMConfig
-from modeling_mfm.release import OFFICIAL_RELEASES, write_release_cards
-from modeling_mfm.training.model_card import render_model_card
+from modeling_mfm.conversion.model_card import render_model_card
+from modeling_mfm.conversion.release import OFFICIAL_RELEASES, write_release_cards
 
 ROOT = Path(__file__).resolve().parent.parent
 CARDS = ROOT / "model_cards"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_config
+from plain_step import plain_model
 from torch.overrides import TorchFunctionMode
 from transformers import BeitConfig, BeitModel, ViTConfig
 from transformers.models.beit.modeling_beit import BeitAttention
@@ -18,7 +19,6 @@ from modeling_mfm.qkv_projection import (
     use_fused_qkv_projection,
     use_separate_qkv_projections,
 )
-from modeling_mfm.training.plain_step import plain_model
 
 
 @pytest.fixture

@@ -10,13 +10,21 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import load_script
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.utils import filter_repo_objects
 
-from modeling_mfm import convert_original, release
-from modeling_mfm.checkpoint_loading import load_official_checkpoint
-from modeling_mfm.convert_original import convert_checkpoint, write_converted
-from modeling_mfm.release import plan_upload, publish_folder, release_card, write_card
+from modeling_mfm.conversion.checkpoint_loading import load_official_checkpoint
+from modeling_mfm.conversion.convert_original import convert_checkpoint, write_converted
+from modeling_mfm.conversion.release import plan_upload, publish_folder, release_card, write_card
+
+
+def release_cli(argv: list[str]) -> int:
+    return load_script("run_scripts/release.py").main(argv)
+
+
+def convert_cli(argv: list[str]) -> int:
+    return load_script("run_scripts/convert_original.py").main(argv)
 
 GOLDEN_PTH = Path(__file__).parent / "fixtures" / "tiny_vit_p16_official.pth"
 EXPECTED_FILES = {
@@ -138,19 +146,19 @@ def test_publishing_twice_changes_nothing_the_second_time(folder, tmp_path):
 
 
 def test_release_cli_writes_the_card_and_dry_runs(folder, capsys):
-    assert release.main(["--folder", str(folder), "--repo-id", "me/mfm-vit-base", "--release", "mfm-vit-base",
+    assert release_cli(["--folder", str(folder), "--repo-id", "me/mfm-vit-base", "--release", "mfm-vit-base",
                          "--dry-run"]) == 0
     card = ModelCard.load(folder / "README.md")
     assert card.data.license == "other" and card.data.license_name == "s-lab-license-1.0"
     assert 'from_pretrained("me/mfm-vit-base"' in card.text
     assert "README.md" in capsys.readouterr().out
     with pytest.raises(ValueError, match="unknown release"):
-        release.main(["--folder", str(folder), "--repo-id", "me/x", "--release", "mfm-vit-huge", "--dry-run"])
+        release_cli(["--folder", str(folder), "--repo-id", "me/x", "--release", "mfm-vit-huge", "--dry-run"])
 
 
 def test_convert_cli_push_dry_run_writes_a_card(tmp_path, capsys):
     out = tmp_path / "converted"
-    assert convert_original.main(["--checkpoint", str(GOLDEN_PTH), "--output-dir", str(out),
+    assert convert_cli(["--checkpoint", str(GOLDEN_PTH), "--output-dir", str(out),
                                   "--push-to-hub", "me/tiny", "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert "would create me/tiny" in printed and "model.safetensors" in printed

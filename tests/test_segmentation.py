@@ -15,7 +15,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, UperNetForSemanticSegmentation
 
 from modeling_mfm import MFMForPreTraining
-from modeling_mfm.segmentation import default_out_indices, resize_position_embeddings, upernet_from_mfm
+from modeling_mfm.training.segmentation_model import default_out_indices, resize_position_embeddings, upernet_from_mfm
 from modeling_mfm.training.segmentation_training import confusion_matrix, iou_from_confusion, sliding_window_logits
 
 

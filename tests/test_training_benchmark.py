@@ -1,19 +1,23 @@
-"""The benchmark functions behind run_scripts/benchmark.py (tiny settings: they must run and report)."""
+"""The benchmark functions behind benchmarks/benchmark.py (tiny settings: they must run and report)."""
 
 from __future__ import annotations
 
 import pytest
 from accelerate.state import AcceleratorState
-from conftest import noise_jpegs
-
-from modeling_mfm import MFMConfig
-from modeling_mfm.training.benchmark import (
+from conftest import load_script, noise_jpegs
+from fast_path_check import fast_path_agreement
+from step_benchmark import (
     benchmark_input_pipeline,
     benchmark_training_step,
     benchmark_transform_stages,
     training_flops_per_image,
 )
-from modeling_mfm.training.fast_path_check import fast_path_agreement
+
+
+def benchmark_cli(argv: list[str]) -> int:
+    return load_script("benchmarks/benchmark.py").main(argv)
+
+from modeling_mfm import MFMConfig
 
 
 def test_training_step_benchmark(tiny_config_factory):
@@ -70,15 +74,6 @@ def test_transform_stages_add_up_to_one_workers_time(tmp_path):
         benchmark_transform_stages(str(folder), passes=0)
 
 
-def _benchmark_script():
-    import importlib.util
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "run_scripts" / "benchmark.py"
-    spec = importlib.util.spec_from_file_location("benchmark_script", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_batch_size_sweep_reports_memory_per_batch_and_survives_out_of_memory(tmp_path):
@@ -86,7 +81,7 @@ def test_batch_size_sweep_reports_memory_per_batch_and_survives_out_of_memory(tm
 
     huge = 375_000_000_000_000  # its uint8 images alone would need about 10^18 bytes
     try:
-        code = _benchmark_script().main(["--models", "mfm-vit-tiny", "--image_size", "32", "--batch_size", "2",
+        code = benchmark_cli(["--models", "mfm-vit-tiny", "--image_size", "32", "--batch_size", "2",
                                          str(huge), "8", "--steps", "1", "--warmup_steps", "0", "--cpu",
                                          "--json", str(tmp_path / "sweep.json")])
     finally:
@@ -101,13 +96,12 @@ def test_benchmark_script_writes_json(tmp_path):
     import json
 
     images = noise_jpegs(tmp_path / "images", 4, (50, 50), seed=1)
-    module = _benchmark_script()
     try:
-        code = module.main(["--models", "mfm-vit-tiny", "--image_size", "32", "--batch_size", "2", "--steps", "1",
-                            "--warmup_steps", "0", "--cpu", "--data_dir", str(images), "--num_workers", "0",
-                            "--data_batch_size", "2", "--data_batches", "1", "--cache_dir", str(tmp_path / "cache"),
-                            "--decode_on_device", "both", "--plain_baseline", "--pipeline_stages",
-                            "--json", str(tmp_path / "r.json")])
+        code = benchmark_cli(["--models", "mfm-vit-tiny", "--image_size", "32", "--batch_size", "2", "--steps", "1",
+                              "--warmup_steps", "0", "--cpu", "--data_dir", str(images), "--num_workers", "0",
+                              "--data_batch_size", "2", "--data_batches", "1", "--cache_dir", str(tmp_path / "cache"),
+                              "--decode_on_device", "both", "--plain_baseline", "--pipeline_stages",
+                              "--json", str(tmp_path / "r.json")])
     finally:
         AcceleratorState._reset_state(True)
     assert code == 0

@@ -8,7 +8,7 @@ import pytest
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-from modeling_mfm.training.hub import LocalHubMirror, push_folder_to_hub
+from modeling_mfm.conversion.hub import LocalHubMirror, push_folder_to_hub
 from modeling_mfm.training.trackers import JSONLinesTracker, read_metrics
 
 

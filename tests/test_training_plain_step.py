@@ -8,17 +8,17 @@ import random
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-
-from modeling_mfm import MFMForPreTraining
-from modeling_mfm.frequency import low_pass_mask
-from modeling_mfm.training.benchmark import benchmark_training_step
-from modeling_mfm.training.plain_step import (
+from plain_step import (
     plain_config,
-    plain_model,
     plain_keep_masks,
+    plain_model,
     plain_pretraining_loss,
     plain_training_step,
 )
+from step_benchmark import benchmark_training_step
+
+from modeling_mfm import MFMForPreTraining
+from modeling_mfm.frequency import low_pass_mask
 
 
 @pytest.mark.parametrize("backbone", ["beit", "resnet"])

@@ -34,6 +34,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..conversion.hub import LocalHubMirror, push_folder_to_hub
+from ..conversion.model_card import render_model_card
 from .checkpointing import read_trainer_state, remove_stale_temporaries, resolve_checkpoint, save_checkpoint
 from .classification_data import (
     ClassificationDataArguments,
@@ -43,10 +45,8 @@ from .classification_data import (
     collate_classification,
 )
 from .classification_metrics import TopKAccuracy, top_k_indices
-from .hub import LocalHubMirror, push_folder_to_hub
 from .layer_decay import layer_decay_parameter_groups
 from .mixup import MixupCutmix, soft_target_cross_entropy
-from .model_card import render_model_card
 from .model_factory import cudnn_autotuning, enable_activation_checkpointing, preferred_memory_format
 from .model_loading import load_classifier
 from .optim import FUSED_ADAMW_DEVICES, scale_learning_rate

@@ -39,6 +39,8 @@ from accelerate.utils import (
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..conversion.hub import LocalHubMirror, push_folder_to_hub
+from ..conversion.model_card import render_model_card
 from .arguments import (
     DEMO_MODEL_OVERRIDES,
     OFFICIAL_DEFAULTS,
@@ -65,8 +67,6 @@ from .data import (
     sample_photo_source,
 )
 from .device_decoding import DeviceDecodeTransform, collate_encoded_batches, decode_batch
-from .hub import LocalHubMirror, push_folder_to_hub
-from .model_card import render_model_card
 from .model_factory import (
     build_config,
     build_model,

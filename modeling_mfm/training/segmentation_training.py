@@ -36,10 +36,10 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 from tqdm.auto import tqdm
 
-from ..segmentation import segmentation_image_processor, upernet_from_mfm
 from .checkpointing import read_trainer_state, remove_stale_temporaries, resolve_checkpoint, save_checkpoint
 from .layer_decay import layer_decay_parameter_groups
 from .model_loading import build_mfm_config
+from .segmentation_model import segmentation_image_processor, upernet_from_mfm
 from .transforms import to_rgb
 
 logger = get_logger(__name__)

@@ -1,13 +1,13 @@
 #!/usr/bin/env python
 """Throughput, FLOPs, MFU and peak memory of MFM pre-training: the training step and, separately, the input pipeline.
 
-    python run_scripts/benchmark.py --models mfm-vit-tiny mfm-vit-base --batch_size 8 --plain_baseline
-    python run_scripts/benchmark.py --models mfm-vit-base --batch_size 64 128 256 512 --mixed_precision bf16
-    python run_scripts/benchmark.py --models mfm-vit-base mfm-resnet50 --batch_size 128 --mixed_precision bf16 \
+    python benchmarks/benchmark.py --models mfm-vit-tiny mfm-vit-base --batch_size 8 --plain_baseline
+    python benchmarks/benchmark.py --models mfm-vit-base --batch_size 64 128 256 512 --mixed_precision bf16
+    python benchmarks/benchmark.py --models mfm-vit-base mfm-resnet50 --batch_size 128 --mixed_precision bf16 \
         --torch_compile --peak_tflops 989 --check_fast_path
-    python run_scripts/benchmark.py --skip_step --data_dir path/to/jpegs --num_workers 0 1 2 --pipeline_stages
-    python run_scripts/benchmark.py --skip_step --data_dir path/to/jpegs --decode_on_device both
-    python run_scripts/benchmark.py ... --json results.json
+    python benchmarks/benchmark.py --skip_step --data_dir path/to/jpegs --num_workers 0 1 2 --pipeline_stages
+    python benchmarks/benchmark.py --skip_step --data_dir path/to/jpegs --decode_on_device both
+    python benchmarks/benchmark.py ... --json results.json
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ import os
 import sys
 
 import torch
-
-from modeling_mfm.configuration_mfm import MFMConfig
-from modeling_mfm.training.arguments import COMPILE_MODES
-from modeling_mfm.training.benchmark import (
+from fast_path_check import fast_path_agreement
+from step_benchmark import (
     benchmark_input_pipeline,
     benchmark_training_step,
     benchmark_transform_stages,
 )
-from modeling_mfm.training.fast_path_check import fast_path_agreement
+
+from modeling_mfm.configuration_mfm import MFMConfig
+from modeling_mfm.training.arguments import COMPILE_MODES
 from modeling_mfm.training.model_factory import cudnn_autotuning
 
 

@@ -1,6 +1,6 @@
 """Publishing MFM checkpoints on the Hub: the catalogue of official releases, their model cards, and the upload.
 
-    python -m modeling_mfm.release --folder converted/mfm-vit-base --repo-id modeling-mfm/mfm-vit-base \\
+    python run_scripts/release.py --folder converted/mfm-vit-base --repo-id modeling-mfm/mfm-vit-base \\
         --release mfm-vit-base --dry-run
 
 A release folder is what ``save_pretrained`` writes (config.json with ``auto_map``, weights, the remote-code
@@ -12,18 +12,16 @@ release can be re-run safely. ``dry_run`` prints the files that would be uploade
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import HfApi
 
-from .configuration_mfm import MFMConfig
-from .convert_original import imagenet_labels
-from .training.model_card import render_model_card
+from ..configuration_mfm import MFMConfig
+from .imagenet import imagenet_labels
+from .model_card import render_model_card
 
 __all__ = [
     "HUB_NAMESPACE",
@@ -31,7 +29,6 @@ __all__ = [
     "OFFICIAL_RELEASES",
     "OfficialRelease",
     "generic_card",
-    "main",
     "plan_upload",
     "publish_folder",
     "release_card",
@@ -196,7 +193,7 @@ def release_card(
     base_model = f"{namespace}/{release.base}" if release.base else None
     provenance = (
         f"These are the authors' {kind} weights from the [official MFM release]({OFFICIAL_REPO}) "
-        f"([original checkpoint]({release.checkpoint_url})), converted with `python -m modeling_mfm.convert_original`, "
+        f"([original checkpoint]({release.checkpoint_url})), converted with `run_scripts/convert_original.py`, "
         "which refuses to write a model whose outputs differ from an independent re-computation of the official "
         "forward pass (relative error above 1e-5). The published numbers below are the authors'."
     )
@@ -315,29 +312,3 @@ def publish_folder(
         ignore_patterns=IGNORE_PATTERNS,
     )
     return getattr(commit, "commit_url", None) or str(commit)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m modeling_mfm.release``: write the card (optional) and publish a converted folder."""
-    parser = argparse.ArgumentParser(prog="python -m modeling_mfm.release", description=main.__doc__)
-    parser.add_argument("--folder", required=True, help="a folder written by convert_original / save_pretrained")
-    parser.add_argument("--repo-id", required=True, help="Hub model repo, namespace/name")
-    card = parser.add_mutually_exclusive_group()
-    card.add_argument("--release", help="official release name: writes its card as README.md")
-    card.add_argument("--card", help="a Markdown card file to use as README.md")
-    parser.add_argument("--private", action="store_true")
-    parser.add_argument("--revision", default=None, help="branch to push to (default: main)")
-    parser.add_argument("--dry-run", action="store_true", help="print what would be uploaded, upload nothing")
-    args = parser.parse_args(argv)
-    if args.release:
-        write_card(args.folder, release_card(args.release, repo_id=args.repo_id))
-    elif args.card:
-        write_card(args.folder, Path(args.card).read_text(encoding="utf-8"))
-    url = publish_folder(args.folder, args.repo_id, private=args.private, revision=args.revision, dry_run=args.dry_run)
-    if url:
-        print(f"published {args.folder} to {url}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

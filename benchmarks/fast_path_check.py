@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from .model_factory import preferred_memory_format
-from .transforms import normalize_on_device
+from modeling_mfm.training.model_factory import preferred_memory_format
+from modeling_mfm.training.transforms import normalize_on_device
 
 __all__ = ["fast_path_agreement"]
 
@@ -44,7 +44,7 @@ def fast_path_agreement(
 ) -> dict[str, Any]:
     """Loss and gradient of one batch by the plain and the fast path. Returns both losses, their relative
     difference, the relative difference of the gradient norms and the cosine similarity of the gradients."""
-    from ..modeling_mfm import MFMForPreTraining
+    from modeling_mfm import MFMForPreTraining
 
     if config.corruption != "mfm":
         raise ValueError(f"the check draws frequency masks: it needs corruption 'mfm', got {config.corruption!r}")

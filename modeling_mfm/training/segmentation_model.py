@@ -33,9 +33,9 @@ from transformers import (
     UperNetForSemanticSegmentation,
 )
 
-from .configuration_mfm import MFMConfig
-from .modeling_mfm import MFMPreTrainedModel
-from .training.model_loading import load_encoder
+from ..configuration_mfm import MFMConfig
+from ..modeling_mfm import MFMPreTrainedModel
+from .model_loading import load_encoder
 
 __all__ = ["default_out_indices", "resize_position_embeddings", "segmentation_image_processor", "upernet_from_mfm"]
 

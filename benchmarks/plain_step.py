@@ -1,5 +1,5 @@
 """The plain float32 formulation of the MFM pre-training step: the baseline `benchmark_training_step` times the
-package's step against (``run_scripts/benchmark.py --plain_baseline``).
+package's step against (``benchmarks/benchmark.py --plain_baseline``).
 
 Plain means what a direct port of the official code computes: a low- or high-pass choice per image drawn on the host
 and the keep-masks built there (`official_reference.frequency_mask`), corruption and loss in complex arithmetic with
@@ -20,11 +20,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .. import official_reference as reference
-from ..modeling_mfm import MFMForPreTraining
-from ..patch_linear import use_convolution_patch_projection
-from ..qkv_projection import use_separate_qkv_projections
-from .model_factory import enable_activation_checkpointing
+from modeling_mfm import MFMForPreTraining
+from modeling_mfm.conversion import official_reference as reference
+from modeling_mfm.patch_linear import use_convolution_patch_projection
+from modeling_mfm.qkv_projection import use_separate_qkv_projections
+from modeling_mfm.training.model_factory import enable_activation_checkpointing
 
 __all__ = ["plain_config", "plain_decode", "plain_keep_masks", "plain_model", "plain_pretraining_loss",
            "plain_training_step"]

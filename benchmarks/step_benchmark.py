@@ -1,7 +1,7 @@
 """Throughput and memory of pre-training, measured apart: the training step (model, loss, backward, AdamW) on
 synthetic input, and the input pipeline (decode, crop, flip, collate) on a folder of real images.
 
-Used by ``run_scripts/benchmark.py``; the numbers show which of the two limits a machine. The step also reports
+Used by ``benchmarks/benchmark.py``; the numbers show which of the two limits a machine. The step also reports
 its FLOPs per image (``torch.utils.flop_counter``) and, given the accelerator's peak, the model FLOPs utilisation.
 """
 
@@ -17,16 +17,31 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from PIL import Image
+from plain_step import plain_config, plain_training_step
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from .data import EpochShuffleSampler, HFImageSource, PretrainingDataset, collate_pixel_batches, load_image_dataset
-from .device_decoding import DeviceDecodeTransform, collate_encoded_batches, decode_batch
-from .model_factory import enable_activation_checkpointing, keep_residual_stream_in_bf16, preferred_memory_format
-from .monitoring import describe_hardware, peak_memory_bytes, peak_reserved_bytes, reset_peak_memory
-from .optim import build_optimizer
-from .plain_step import plain_config, plain_training_step
-from .transforms import PretrainTransform, normalize_on_device
+from modeling_mfm.training.data import (
+    EpochShuffleSampler,
+    HFImageSource,
+    PretrainingDataset,
+    collate_pixel_batches,
+    load_image_dataset,
+)
+from modeling_mfm.training.device_decoding import DeviceDecodeTransform, collate_encoded_batches, decode_batch
+from modeling_mfm.training.model_factory import (
+    enable_activation_checkpointing,
+    keep_residual_stream_in_bf16,
+    preferred_memory_format,
+)
+from modeling_mfm.training.monitoring import (
+    describe_hardware,
+    peak_memory_bytes,
+    peak_reserved_bytes,
+    reset_peak_memory,
+)
+from modeling_mfm.training.optim import build_optimizer
+from modeling_mfm.training.transforms import PretrainTransform, normalize_on_device
 
 __all__ = [
     "benchmark_input_pipeline",
@@ -56,7 +71,7 @@ def training_flops_per_image(config: Any, batch_size: int = 2, device: torch.dev
     """FLOPs of one training step (forward + backward of MFMForPreTraining) per image, counted by
     ``torch.utils.flop_counter`` (matrix multiplications and convolutions; FFTs and element-wise work are not
     counted, as is usual for MFU). Attention is counted as its two matmuls, whichever kernel runs it."""
-    from ..modeling_mfm import MFMForPreTraining
+    from modeling_mfm import MFMForPreTraining
 
     config = copy.deepcopy(config)
     config._attn_implementation = "eager"  # fused CPU attention kernels have no FLOP formula: count the matmuls
@@ -119,7 +134,7 @@ def benchmark_training_step(
     ``plain_baseline`` then also builds the same model, with the same initial weights, in the plain float32
     formulation of `plain_step`, and times it against this step in alternating steps (so that a machine whose speed
     drifts affects both alike): ``result["plain_baseline"]`` has both rates and the speed-up."""
-    from ..modeling_mfm import MFMForPreTraining
+    from modeling_mfm import MFMForPreTraining
 
     if batch_size <= 0 or steps <= 0 or warmup_steps < 0:
         raise ValueError(f"batch_size and steps must be positive and warmup_steps >= 0, got {batch_size}, {steps}, "
