@@ -66,5 +66,6 @@ def load_script(relative_path: str) -> ModuleType:
     path = REPO / relative_path
     spec = importlib.util.spec_from_file_location(path.stem + "_script", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
     spec.loader.exec_module(module)
     return module

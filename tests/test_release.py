@@ -16,7 +16,8 @@ from huggingface_hub.utils import filter_repo_objects
 
 from modeling_mfm.conversion.checkpoint_loading import load_official_checkpoint
 from modeling_mfm.conversion.convert_original import convert_checkpoint, write_converted
-from modeling_mfm.conversion.release import plan_upload, publish_folder, release_card, write_card
+from modeling_mfm.conversion.hub import LocalHubMirror, plan_upload, publish_folder
+from modeling_mfm.conversion.release import release_card, write_card
 
 
 def release_cli(argv: list[str]) -> int:
@@ -25,6 +26,7 @@ def release_cli(argv: list[str]) -> int:
 
 def convert_cli(argv: list[str]) -> int:
     return load_script("run_scripts/convert_original.py").main(argv)
+
 
 GOLDEN_PTH = Path(__file__).parent / "fixtures" / "tiny_vit_p16_official.pth"
 EXPECTED_FILES = {
@@ -118,14 +120,52 @@ def test_dry_run_prints_the_plan_and_contacts_nothing(folder, capsys):
 
 
 def test_incomplete_folders_are_refused(folder):
-    with pytest.raises(ValueError, match="missing README.md"):
-        plan_upload(folder)
-    _card(folder)
     (folder / "modeling_mfm.py").unlink()
     with pytest.raises(ValueError, match=r"modeling_mfm\.py \(remote code named in auto_map\)"):
-        plan_upload(folder)
-    with pytest.raises(ValueError, match="does not exist"):
-        plan_upload(folder / "nope")
+        publish_folder(folder, "me/x", dry_run=True)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"model weights"):
+        publish_folder(folder, "me/x", dry_run=True)
+    with pytest.raises(ValueError, match="not a directory"):
+        publish_folder(folder / "nope", "me/x", dry_run=True)
+    with pytest.raises(ValueError, match="hub_model_id"):
+        publish_folder(folder, "a/b/c", dry_run=True)
+
+
+def test_training_byproducts_are_never_uploaded(folder):
+    _card(folder)
+    for name in ("checkpoints/checkpoint-2/model.safetensors", "checkpoints/checkpoint-2/optimizer.bin",
+                 "checkpoints/checkpoint-2/random_states_0.pkl", "logs/metrics.jsonl",
+                 "logs/events.out.tfevents.1.host", "reconstructions/step-0000002.png", ".tmp-checkpoint-4/x",
+                 "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl", "scaler.pt",
+                 "run.lock"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"x")
+    assert set(dict(plan_upload(folder))) == EXPECTED_FILES
+
+
+def test_a_plain_save_pretrained_folder_gets_a_generated_card_and_a_dry_run_writes_nothing(folder, tmp_path, capsys):
+    before = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+    assert not (folder / "README.md").exists()
+    assert publish_folder(folder, "me/plain", dry_run=True) is None
+    assert re.search(r"^  README\.md  \(\d+ bytes\)  \[generated card\]$", capsys.readouterr().out, re.MULTILINE)
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) == before  # nothing written
+    url = publish_folder(folder, "me/plain", local_dir=tmp_path / "hub")
+    card = ModelCard.load(tmp_path / "hub" / "me" / "plain" / "README.md")
+    assert card.data.pipeline_tag == "image-feature-extraction" and "MFM" in card.text
+    assert url.startswith("file://")
+
+
+def test_relative_local_targets_work_from_another_directory(folder, tmp_path, monkeypatch):
+    _card(folder)
+    monkeypatch.chdir(tmp_path)
+    mirror = LocalHubMirror("previews")  # created here, used after the working directory changed
+    monkeypatch.chdir(folder)
+    url = publish_folder(folder, "me/rel", api=mirror)
+    assert url.startswith("file://") and (tmp_path / "previews" / "me" / "rel" / "config.json").is_file()
+    monkeypatch.chdir(tmp_path)
+    publish_folder(folder.relative_to(tmp_path), "me/rel2", local_dir="previews")
+    assert (tmp_path / "previews" / "me" / "rel2" / "model.safetensors").is_file()
 
 
 def test_publishing_twice_changes_nothing_the_second_time(folder, tmp_path):
@@ -146,20 +186,25 @@ def test_publishing_twice_changes_nothing_the_second_time(folder, tmp_path):
 
 
 def test_release_cli_writes_the_card_and_dry_runs(folder, capsys):
-    assert release_cli(["--folder", str(folder), "--repo-id", "me/mfm-vit-base", "--release", "mfm-vit-base",
-                         "--dry-run"]) == 0
-    card = ModelCard.load(folder / "README.md")
+    before = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+    assert release_cli(["--model_name_or_path", str(folder), "--hub_model_id", "me/mfm-vit-base",
+                        "--release", "mfm-vit-base", "--dry_run"]) == 0
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) == before  # the dry run wrote nothing
+    assert release_cli(["--model_name_or_path", str(folder), "--hub_model_id", "me/mfm-vit-base",
+                        "--release", "mfm-vit-base", "--hub_local_dir", str(folder.parent / "hub")]) == 0
+    card = ModelCard.load(folder.parent / "hub" / "me" / "mfm-vit-base" / "README.md")
     assert card.data.license == "other" and card.data.license_name == "s-lab-license-1.0"
     assert 'from_pretrained("me/mfm-vit-base"' in card.text
     assert "README.md" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="unknown release"):
-        release_cli(["--folder", str(folder), "--repo-id", "me/x", "--release", "mfm-vit-huge", "--dry-run"])
+    with pytest.raises(SystemExit) as exit_info:
+        release_cli(["--model_name_or_path", str(folder), "--hub_model_id", "me/x", "--release", "mfm-vit-huge"])
+    assert exit_info.value.code == 2 and "unknown release 'mfm-vit-huge'" in capsys.readouterr().err
 
 
 def test_convert_cli_push_dry_run_writes_a_card(tmp_path, capsys):
     out = tmp_path / "converted"
-    assert convert_cli(["--checkpoint", str(GOLDEN_PTH), "--output-dir", str(out),
-                                  "--push-to-hub", "me/tiny", "--dry-run"]) == 0
+    assert convert_cli(["--checkpoint", str(GOLDEN_PTH), "--output_dir", str(out),
+                        "--push_to_hub", "--hub_model_id", "me/tiny", "--dry_run"]) == 0
     printed = capsys.readouterr().out
     assert "would create me/tiny" in printed and "model.safetensors" in printed
     card = ModelCard.load(out / "README.md")  # not in the catalogue: generic card, official licence, no results

@@ -8,7 +8,7 @@ import pytest
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-from modeling_mfm.conversion.hub import LocalHubMirror, push_folder_to_hub
+from modeling_mfm.conversion.hub import publish_folder
 from modeling_mfm.training.trackers import JSONLinesTracker, read_metrics
 
 
@@ -27,14 +27,14 @@ def make_output_folder(root):
 
 def test_push_publishes_the_model_not_the_training_byproducts(tmp_path):
     make_output_folder(tmp_path / "out")
-    url = push_folder_to_hub(tmp_path / "out", "someone/mfm-test", client=LocalHubMirror(tmp_path / "hub"))
+    url = publish_folder(tmp_path / "out", "someone/mfm-test", local_dir=tmp_path / "hub")
     published = sorted(p.relative_to(tmp_path / "hub" / "someone" / "mfm-test").as_posix()
                        for p in (tmp_path / "hub").rglob("*") if p.is_file())
     assert published == ["README.md", "config.json", "model.safetensors", "reconstruction.png"]
     assert url.startswith("file://")
     # pushing again updates the same repository
     (tmp_path / "out" / "config.json").write_text('{"v": 2}')
-    push_folder_to_hub(tmp_path / "out", "someone/mfm-test", client=LocalHubMirror(tmp_path / "hub"))
+    publish_folder(tmp_path / "out", "someone/mfm-test", local_dir=tmp_path / "hub")
     assert json.loads((tmp_path / "hub" / "someone" / "mfm-test" / "config.json").read_text()) == {"v": 2}
 
 
@@ -42,9 +42,9 @@ def test_push_refuses_bad_metadata_and_ids(tmp_path):
     make_output_folder(tmp_path / "out")
     (tmp_path / "out" / "README.md").write_text("---\nlicense: [unclosed\n---\n")
     with pytest.raises(Exception, match="(?i)yaml|while parsing|flow"):
-        push_folder_to_hub(tmp_path / "out", "someone/bad", client=LocalHubMirror(tmp_path / "hub"))
+        publish_folder(tmp_path / "out", "someone/bad", local_dir=tmp_path / "hub")
     with pytest.raises(ValueError, match="hub_model_id"):
-        push_folder_to_hub(tmp_path / "out", "a/b/c", client=LocalHubMirror(tmp_path / "hub"))
+        publish_folder(tmp_path / "out", "a/b/c", local_dir=tmp_path / "hub")
 
 
 def test_jsonl_tracker_through_accelerate(tmp_path):

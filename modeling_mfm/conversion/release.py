@@ -1,23 +1,14 @@
-"""Publishing MFM checkpoints on the Hub: the catalogue of official releases, their model cards, and the upload.
+"""The official MFM releases: their catalogue (checkpoints, published ImageNet-1K results) and their model cards.
 
-    python run_scripts/release.py --folder converted/mfm-vit-base --repo-id modeling-mfm/mfm-vit-base \\
-        --release mfm-vit-base --dry-run
-
-A release folder is what ``save_pretrained`` writes (config.json with ``auto_map``, weights, the remote-code
-modules, preprocessor_config.json), optionally the native encoder in ``backbone/``, and the model card as README.md.
-``publish_folder`` checks that, then calls huggingface_hub's ``create_repo(exist_ok=True)`` and ``upload_folder``:
-running it again uploads nothing that has not changed (the Hub skips files whose content is already there), so a
-release can be re-run safely. ``dry_run`` prints the files that would be uploaded and touches nothing.
+A converted release folder is what ``save_pretrained`` writes, the native encoder in ``backbone/`` and the card from
+`release_card`; `hub.publish_folder` publishes it (``run_scripts/release.py``).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-from huggingface_hub import HfApi
 
 from ..configuration_mfm import MFMConfig
 from .imagenet import imagenet_labels
@@ -29,8 +20,6 @@ __all__ = [
     "OFFICIAL_RELEASES",
     "OfficialRelease",
     "generic_card",
-    "plan_upload",
-    "publish_folder",
     "release_card",
     "release_config",
     "write_card",
@@ -48,8 +37,6 @@ OFFICIAL_LICENSE = {
 }
 IMAGENET_1K = {"dataset": "imagenet-1k", "dataset_name": "ImageNet-1K", "split": "validation"}
 BACKBONE_SUBFOLDER = "backbone"
-# Never uploaded: caches and editor/OS leftovers.
-IGNORE_PATTERNS = ["**/__pycache__/**", "**/*.pyc", ".cache/**", "**/.DS_Store", ".git/**"]
 
 
 @dataclass(frozen=True)
@@ -241,74 +228,3 @@ def write_release_cards(output_dir: str | os.PathLike, namespace: str = HUB_NAME
         path.write_text(release_card(name, namespace=namespace), encoding="utf-8")
         paths.append(path)
     return paths
-
-
-def _check_release_folder(folder: Path) -> None:
-    """A publishable folder: card, config with auto_map, the remote-code modules it names, processor, weights."""
-    if not folder.is_dir():
-        raise ValueError(f"release folder {folder} does not exist")
-    required = ("README.md", "config.json", "preprocessor_config.json")
-    missing = [name for name in required if not (folder / name).is_file()]
-    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-        missing.append("model weights (*.safetensors)")
-    if (folder / "config.json").is_file():
-        auto_map = json.loads((folder / "config.json").read_text()).get("auto_map") or {}
-        if not auto_map:
-            missing.append("auto_map in config.json (remote code)")
-        references = [r for value in auto_map.values() for r in (value if isinstance(value, list) else [value]) if r]
-        for reference in references:
-            module = reference.split("--")[-1].rsplit(".", 1)[0]
-            if not (folder / f"{module}.py").is_file():
-                missing.append(f"{module}.py (remote code named in auto_map)")
-    if missing:
-        raise ValueError(f"release folder {folder} is incomplete: missing {', '.join(sorted(set(missing)))}")
-
-
-def plan_upload(folder: str | os.PathLike) -> list[tuple[str, int]]:
-    """Files ``publish_folder`` would upload, as (path in the repo, size in bytes), sorted."""
-    folder = Path(folder)
-    _check_release_folder(folder)
-    skip_parts = {"__pycache__", ".cache", ".git"}
-    files = []
-    for path in sorted(folder.rglob("*")):
-        relative = path.relative_to(folder)
-        skipped = set(relative.parts) & skip_parts or path.suffix == ".pyc" or path.name == ".DS_Store"
-        if path.is_file() and not skipped:
-            files.append((relative.as_posix(), path.stat().st_size))
-    return files
-
-
-def publish_folder(
-    folder: str | os.PathLike,
-    repo_id: str,
-    *,
-    private: bool = False,
-    token: str | None = None,
-    revision: str | None = None,
-    commit_message: str | None = None,
-    dry_run: bool = False,
-    api: HfApi | None = None,
-) -> str | None:
-    """Uploads a release folder to the Hub model repo ``repo_id`` (created if missing). Idempotent.
-
-    Returns the commit URL, or None for a dry run (which prints the plan and contacts nothing).
-    """
-    files = plan_upload(folder)
-    if dry_run:
-        total = sum(size for _, size in files)
-        print(f"dry run: would create {repo_id} (model repo{', private' if private else ''}) if missing and upload "
-              f"{len(files)} files ({total / 1e6:.1f} MB) from {folder}:")
-        for path, size in files:
-            print(f"  {path}  ({size} bytes)")
-        return None
-    api = api or HfApi(token=token)
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    commit = api.upload_folder(
-        folder_path=os.fspath(folder),
-        repo_id=repo_id,
-        repo_type="model",
-        revision=revision,
-        commit_message=commit_message or f"Upload {Path(folder).name}",
-        ignore_patterns=IGNORE_PATTERNS,
-    )
-    return getattr(commit, "commit_url", None) or str(commit)

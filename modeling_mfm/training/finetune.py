@@ -34,7 +34,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..conversion.hub import LocalHubMirror, push_folder_to_hub
+from ..conversion.hub import check_repo_id, publish_folder
 from ..conversion.model_card import render_model_card
 from .checkpointing import read_trainer_state, remove_stale_temporaries, resolve_checkpoint, save_checkpoint
 from .classification_data import (
@@ -212,8 +212,8 @@ class FinetuneArguments(ClassificationDataArguments):
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise ValueError(f"clip_grad must be > 0 when given, got {self.clip_grad}")
-        if self.push_to_hub and not self.hub_model_id:
-            raise ValueError("--push_to_hub needs --hub_model_id ('user/name')")
+        if self.push_to_hub:
+            check_repo_id(self.hub_model_id)
         trackers = {t.value for t in LoggerType} | {"none"}
         if self.report_to not in trackers:
             raise ValueError(f"report_to must be one of {sorted(trackers)}, got {self.report_to!r}")
@@ -505,10 +505,9 @@ def _finetune(args: FinetuneArguments) -> dict[str, Any]:
             (output_dir / "README.md").write_text(_model_card(args, unwrapped.config, state["best"], details),
                                                   encoding="utf-8")
             if args.push_to_hub:
-                client = LocalHubMirror(args.hub_local_dir) if args.hub_local_dir else None
-                url = push_folder_to_hub(
+                url = publish_folder(
                     output_dir, args.hub_model_id, private=args.hub_private, token=args.hub_token,
-                    commit_message="Upload fine-tuned MFM model", client=client,
+                    commit_message="Upload fine-tuned MFM model", local_dir=args.hub_local_dir,
                 )
                 logger.info("pushed to %s", url)
     accelerator.wait_for_everyone()

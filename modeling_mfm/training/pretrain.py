@@ -39,7 +39,7 @@ from accelerate.utils import (
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..conversion.hub import LocalHubMirror, push_folder_to_hub
+from ..conversion.hub import check_repo_id, publish_folder
 from ..conversion.model_card import render_model_card
 from .arguments import (
     DEMO_MODEL_OVERRIDES,
@@ -182,8 +182,8 @@ def _validate_arguments(args: PretrainingArguments) -> None:
         _check_positive(name, getattr(args, name), allow_zero=True)
     if not 0.0 < args.crop_min_scale <= 1.0:
         raise ValueError(f"crop_min_scale must be in (0, 1], got {args.crop_min_scale}")
-    if args.push_to_hub and not args.hub_model_id:
-        raise ValueError("--push_to_hub needs --hub_model_id")
+    if args.push_to_hub:
+        check_repo_id(args.hub_model_id)
     if args.report_to == "wandb" and not is_wandb_available():
         raise ValueError("--report_to wandb needs the wandb package (pip install wandb)")
     if args.report_to == "tensorboard" and not is_tensorboard_available():
@@ -659,10 +659,9 @@ class _PretrainingRun:
             with open(os.path.join(args.output_dir, "README.md"), "w", encoding="utf-8") as f:
                 f.write(card)
             if args.push_to_hub:
-                pushed = push_folder_to_hub(
+                pushed = publish_folder(
                     args.output_dir, args.hub_model_id, private=args.hub_private_repo, token=args.hub_token,
-                    commit_message=f"MFM pre-training, step {self.completed_steps}",
-                    client=LocalHubMirror(args.hub_local_dir) if args.hub_local_dir else None,
+                    commit_message=f"MFM pre-training, step {self.completed_steps}", local_dir=args.hub_local_dir,
                 )
         accelerator.wait_for_everyone()
         if self.completed_steps == self.steps_at_start:
