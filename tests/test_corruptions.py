@@ -586,8 +586,8 @@ def test_make_corruption_figures_script(tmp_path):
     write_photos(tmp_path)
     output = tmp_path / "images"
     result = subprocess.run(
-        [sys.executable, str(root / "run_scripts" / "make_corruption_figures.py"), str(tmp_path), "--num-images", "2",
-         "--image-size", "32", "--output-dir", str(output), "--dpi", "40", "--blur-types", "plateau_aniso", "iso"],
+        [sys.executable, str(root / "run_scripts" / "make_corruption_figures.py"), "--photo_dir", str(tmp_path), "--num_images", "2",
+         "--image_size", "32", "--output_dir", str(output), "--dpi", "40", "--blur_types", "plateau_aniso", "iso"],
         check=False, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)}, timeout=300,
     )
     assert result.returncode == 0, result.stderr
