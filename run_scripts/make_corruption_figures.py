@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Draws one picture per restoration pretext (sr, deblur, denoise): original | degraded | both log-magnitude spectra.
+"""Draws one picture per pretext (mfm, sr, deblur, denoise): original | corrupted | both log-magnitude spectra.
 
     python run_scripts/make_corruption_figures.py --photo_dir PHOTOS          # -> docs/images/corruption_*.png
     python run_scripts/make_corruption_figures.py --photo_dir PHOTOS --num_images 2 --image_size 224 --seed 0
@@ -7,6 +7,8 @@
 Photos are the first ``--num_images`` image files of the folder in name order (or the ``--files`` given), resized and
 centre-cropped to ``--image_size``. Degradation parameters are drawn per photo with the official defaults of
 MFMConfig under ``--seed``; ``--blur_types`` picks the blur family per photo instead (e.g. aniso plateau_iso sinc).
+The mfm picture shows the first two photos, each low-pass and high-pass filtered with the official radius (16 at 224,
+scaled with the image size).
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ from modeling_mfm.training.data import IMAGE_EXTENSIONS
 from modeling_mfm.training.visualization_corruptions import (
     corruption_examples,
     corruption_figure,
+    frequency_masking_examples,
     load_photos,
     save_palette_png,
 )
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent.parent / "docs" / "images"
 TITLES = {
+    "mfm": "masked frequency modeling: a low-pass or a high-pass filter per image",
     "sr": "super-resolution pretext: bicubic down x{factor} and up",
     "deblur": "deblurring pretext: a random blur kernel per image",
     "denoise": "denoising pretext: Gaussian or Poisson noise per image",
@@ -47,7 +51,8 @@ class FigureArguments:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = ScriptArgumentParser(FigureArguments, prog="make_corruption_figures.py", description=__doc__.split("\n")[0])
+    parser = ScriptArgumentParser(FigureArguments, prog="make_corruption_figures.py",
+                                  description=__doc__.split("\n")[0])
     (args,) = parser.parse_args_into_dataclasses(argv)
     photo_dir = Path(args.photo_dir)
     if not photo_dir.is_dir():
@@ -64,9 +69,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                        backbone_config={"model_type": "resnet"})
     blur_overrides = {"kernel_type": args.blur_types} if args.blur_types else None
     examples = corruption_examples(images, config, seed=args.seed, blur_overrides=blur_overrides)
+    figures = {"mfm": frequency_masking_examples(images[:2], 16 * args.image_size / 224)}
     for name, (degraded, labels) in examples.items():
         labels = [f"{path.stem.split('_', 1)[-1]}\n{label}" for path, label in zip(paths, labels, strict=True)]
-        picture = corruption_figure(images, degraded, labels, TITLES[name].format(factor=config.sr_factor), args.dpi)
+        figures[name] = (images, degraded, labels)
+    for name, (originals, corrupted, labels) in figures.items():
+        picture = corruption_figure(originals, corrupted, labels, TITLES[name].format(factor=config.sr_factor),
+                                    args.dpi)
         path = Path(args.output_dir) / f"corruption_{name}.png"
         save_palette_png(picture, path)
         print(path)

@@ -586,11 +586,30 @@ def test_make_corruption_figures_script(tmp_path):
     write_photos(tmp_path)
     output = tmp_path / "images"
     result = subprocess.run(
-        [sys.executable, str(root / "run_scripts" / "make_corruption_figures.py"), "--photo_dir", str(tmp_path), "--num_images", "2",
-         "--image_size", "32", "--output_dir", str(output), "--dpi", "40", "--blur_types", "plateau_aniso", "iso"],
+        [sys.executable, str(root / "run_scripts" / "make_corruption_figures.py"), "--photo_dir", str(tmp_path),
+         "--num_images", "2", "--image_size", "32", "--output_dir", str(output), "--dpi", "40",
+         "--blur_types", "plateau_aniso", "iso"],
         check=False, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)}, timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in output.iterdir()) == [
-        "corruption_deblur.png", "corruption_denoise.png", "corruption_sr.png"
+        "corruption_deblur.png", "corruption_denoise.png", "corruption_mfm.png", "corruption_sr.png"
     ]
+
+
+def test_frequency_masking_examples_are_the_low_and_high_pass_halves_of_each_photo():
+    from modeling_mfm.frequency import low_pass_mask
+    from modeling_mfm.training.visualization_corruptions import frequency_masking_examples
+
+    photos = torch.rand(2, 3, 32, 32)
+    originals, filtered, labels = frequency_masking_examples(photos, radius=4)
+    assert torch.equal(originals, photos.repeat_interleave(2, dim=0))
+    assert labels == ["low-pass\nr = 4", "high-pass\nr = 4"] * 2
+    # before clamping, the low-pass and high-pass images add up to the photo (the two keep-masks partition the spectrum)
+    keep = low_pass_mask(32, 32, 4)
+    unclamped = [torch.fft.ifft2(torch.fft.ifftshift(torch.fft.fftshift(torch.fft.fft2(photos[0])) * k)).real
+                 for k in (keep, 1 - keep)]
+    torch.testing.assert_close(unclamped[0] + unclamped[1], photos[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(filtered[0], unclamped[0].clamp(0, 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(filtered[1], unclamped[1].clamp(0, 1), atol=1e-5, rtol=0)
+    assert filtered[1].mean() < 0.25 < filtered[0].mean()  # high-pass keeps edges only, low-pass the brightness

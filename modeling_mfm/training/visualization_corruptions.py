@@ -1,4 +1,4 @@
-"""Pictures of the restoration pretexts: original | degraded | the log-magnitude spectra of both, one row per photo.
+"""Pictures of the pretexts: original | corrupted | the log-magnitude spectra of both, one row per photo.
 
 The spectra show what each pretext removes or adds in the frequency frame MFM works in: super-resolution and blur
 cut the high frequencies (SR also folds them back, it aliases), noise raises the whole high-frequency floor.
@@ -27,6 +27,7 @@ from ..corruptions import (
     sample_noise_parameters,
     super_resolution_degrade,
 )
+from ..frequency import filter_frequencies, low_pass_mask
 from .transforms import to_rgb
 from .visualization import figure_to_array, log_magnitude_spectrum
 
@@ -35,6 +36,7 @@ __all__ = [
     "corruption_figure",
     "describe_blur",
     "describe_noise",
+    "frequency_masking_examples",
     "load_photos",
     "save_palette_png",
 ]
@@ -125,6 +127,17 @@ def corruption_examples(
         describe_noise(noise_parameters, config.noise_types),
     )
     return examples
+
+
+def frequency_masking_examples(images: torch.Tensor, radius: float) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """MFM's corruption of each of ``images`` (B, C, H, W) in [0, 1], low-pass then high-pass with the circular mask
+    of ``radius``: (originals, filtered, labels), 2B rows in that order, for `corruption_figure`."""
+    height, width = images.shape[-2:]
+    low = low_pass_mask(height, width, radius, device=images.device)
+    originals = images.repeat_interleave(2, dim=0)
+    keep = torch.stack([low, 1 - low]).repeat(images.shape[0], 1, 1)
+    labels = [f"{kind}-pass\nr = {radius:g}" for _ in range(images.shape[0]) for kind in ("low", "high")]
+    return originals, filter_frequencies(originals, keep), labels
 
 
 def corruption_figure(
