@@ -103,7 +103,7 @@ def test_transforms_shapes_and_official_mapping():
             parse_rand_augment(bad)
 
 
-def test_unreadable_images_are_skipped_in_training_and_refused_in_evaluation(tmp_path):
+def test_unreadable_images_are_replaced_in_training_and_left_out_of_evaluation(tmp_path, caplog):
     good = tmp_path / "good.png"
     Image.new("RGB", (8, 8), (255, 0, 0)).save(good)
     broken = tmp_path / "broken.jpg"
@@ -111,10 +111,12 @@ def test_unreadable_images_are_skipped_in_training_and_refused_in_evaluation(tmp
     rows = datasets.Dataset.from_dict({"image": [{"path": str(broken), "bytes": None},
                                                  {"path": str(good), "bytes": None}], "label": [0, 1]})
     transform = build_eval_transform(8, [0.5] * 3, [0.5] * 3, crop_pct=1.0)
-    sample = ClassificationDataset(rows, "image", "label", transform, skip_unreadable=True)[0]
-    assert sample["labels"] == 1 and sample["skipped"] == 1
-    with pytest.raises(ValueError, match="broken.jpg"):
-        ClassificationDataset(rows, "image", "label", transform)[0]
+    sample = ClassificationDataset(rows, "image", "label", transform, replace_unreadable=True)[0]
+    assert sample["labels"] == 1 and sample["skipped"] == 1 and sample["valid"]
+    with caplog.at_level("WARNING"):
+        left_out = ClassificationDataset(rows, "image", "label", transform)[0]
+    assert not left_out["valid"] and left_out["skipped"] == 1 and left_out["labels"] == 0
+    assert left_out["pixel_values"].shape == (3, 8, 8) and "broken.jpg" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------------- model

@@ -20,7 +20,7 @@ from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 __all__ = ["PUSH_IGNORE_PATTERNS", "HubClient", "LocalHubMirror", "push_folder_to_hub"]
 
 # Training by-products that stay local: resumable checkpoints, tracker logs, the per-step pictures.
-PUSH_IGNORE_PATTERNS = ["checkpoints/*", "logs/*", "reconstructions/*", "*.tmp", ".tmp-*", ".old-*"]
+PUSH_IGNORE_PATTERNS = ["checkpoints/*", "logs/*", "reconstructions/*", "*.tmp", ".tmp-*", ".old-*", "run.lock"]
 
 
 class HubClient(Protocol):
