@@ -12,8 +12,8 @@ import logging
 
 from transformers import HfArgumentParser
 
-from modeling_mfm.training.segmentation_training import SegmentationArguments, train_segmentation
 from modeling_mfm.training.run_folder import one_line_errors
+from modeling_mfm.training.segmentation_training import SegmentationArguments, train_segmentation
 
 
 def main(argv: list[str] | None = None) -> None:

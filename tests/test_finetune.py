@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import sys
+import time
 
 import datasets
 import pytest
 import torch
-from classification_fixtures import CLASS_COLOURS, make_class_folders, run_script
+from classification_fixtures import CLASS_COLOURS, REPO, make_class_folders, run_script, script_env
 from conftest import tiny_config
 from PIL import Image
 from safetensors.torch import load_file
@@ -204,12 +207,29 @@ def test_run_finetune_end_to_end_resume_and_push(folders, pretrained, tmp_path):
     partial = json.loads((split / "all_results.json").read_text())
     assert not partial["completed"] and partial["global_step"] == 3
     assert (split / "checkpoints" / "checkpoint-3").is_dir()
-    run_script("run_finetune.py", base + common_args(folders, tmp_path, split) + ["--resume_from_checkpoint", "latest"],
-               tmp_path)
+    run_script("run_finetune.py", base + common_args(folders, tmp_path, split), tmp_path)  # the same command
     resumed = json.loads((split / "all_results.json").read_text())
     assert resumed["completed"] and resumed["history"] == results["history"]
     expected = load_file(full / "checkpoints" / "checkpoint-12" / "model.safetensors")
     actual = load_file(split / "checkpoints" / "checkpoint-12" / "model.safetensors")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, rtol=0, atol=0, msg=name)
+
+    # killed with SIGKILL after its first checkpoint, the same command continues to the same weights
+    killed = tmp_path / "killed"
+    args = base + common_args(folders, tmp_path, killed) + ["--checkpointing_steps", "2"]
+    process = subprocess.Popen([sys.executable, str(REPO / "run_scripts" / "run_finetune.py"), *args], cwd=REPO,
+                               env=script_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while not (killed / "checkpoints" / "checkpoint-2").exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=30) == -signal.SIGKILL
+    assert not (killed / "checkpoints" / "checkpoint-12").exists()
+    run_script("run_finetune.py", args, tmp_path)
+    assert json.loads((killed / "all_results.json").read_text())["history"] == results["history"]
+    actual = load_file(killed / "checkpoints" / "checkpoint-12" / "model.safetensors")
     for name, tensor in expected.items():
         torch.testing.assert_close(actual[name], tensor, rtol=0, atol=0, msg=name)
 

@@ -32,7 +32,7 @@ import torch
 from accelerate.utils.other import TORCH_SAFE_GLOBALS
 from safetensors import safe_open
 
-__all__ = ["CheckpointVerificationError", "RNG_STATE_PREFIX", "verify_checkpoint"]
+__all__ = ["RNG_STATE_PREFIX", "CheckpointVerificationError", "verify_checkpoint"]
 
 RNG_STATE_PREFIX = "random_states_"
 TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
@@ -68,7 +68,9 @@ def _read_torch_file(path: Path) -> Any:
             f"({_one_line(error)}); nothing from it was executed"
         ) from error
     except Exception as error:  # truncated zip, bad record, ...
-        raise CheckpointVerificationError(f"{path} is unreadable (truncated or corrupt?): {_one_line(error)}") from error
+        raise CheckpointVerificationError(
+            f"{path} is unreadable (truncated or corrupt?): {_one_line(error)}"
+        ) from error
 
 
 def _check_rng_states(path: Path, states: Any) -> None:
@@ -96,7 +98,7 @@ def _check_file(path: Path) -> None:
     if name.endswith(".safetensors"):
         try:
             with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
                     f.get_slice(key).get_shape()
         except Exception as error:
             raise CheckpointVerificationError(
@@ -123,7 +125,8 @@ def _check_file(path: Path) -> None:
 
 def verify_checkpoint(folder: str | os.PathLike, num_processes: int = 1) -> None:
     """Checks every file of ``folder`` (see the module docstring) and that the model, optimizer, trainer state and
-    the random-number-generator states of processes ``0 .. num_processes - 1`` are there. Raises `CheckpointVerificationError` naming the first bad file."""
+    the random-number-generator states of processes ``0 .. num_processes - 1`` are there. Raises
+    `CheckpointVerificationError` naming the first bad file."""
     folder = Path(folder)
     try:
         entries = sorted(folder.iterdir())

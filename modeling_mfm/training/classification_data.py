@@ -434,7 +434,7 @@ class ClassificationDataset(Dataset):
             try:
                 with open_image(value) as image:
                     pixel_values = self._transform(to_rgb(image), index)
-            except Exception as error:  # PIL raises many types for broken files (OSError, SyntaxError, bombs...)
+            except Exception as error:  # noqa: BLE001 - PIL raises many types for broken files (bombs included)
                 logger.warning("skipping unreadable image %s: %s: %s", self._describe(index + attempt, value),
                                type(error).__name__, error)
                 continue

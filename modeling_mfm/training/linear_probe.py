@@ -43,8 +43,8 @@ from .classification_data import (
     collate_classification,
 )
 from .classification_metrics import TopKAccuracy
-from .model_factory import preferred_memory_format
 from .disk_faults import write_faults
+from .model_factory import preferred_memory_format
 from .model_loading import load_encoder
 from .run_folder import claim_output_dir
 from .schedules import LearningRateSchedule

@@ -33,10 +33,9 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from transformers import AutoImageProcessor, AutoModelForImageClassification
-
-from PIL import Image
 
 from .classification_data import build_eval_transform
 from .data import open_image
@@ -152,7 +151,7 @@ class WnidFolderDataset(Dataset):
         try:
             with open_image(path) as image:
                 return {"pixel_values": self.transform(to_rgb(image)), "labels": label, "valid": True}
-        except Exception as error:  # PIL raises many types for broken files (OSError, SyntaxError, bombs...)
+        except Exception as error:  # noqa: BLE001 - PIL raises many types for broken files (bombs included)
             data_logger.warning("leaving out unreadable image %s: %s: %s", path, type(error).__name__, error)
         return {"pixel_values": self.transform(Image.new("RGB", (8, 8))), "labels": label, "valid": False}
 

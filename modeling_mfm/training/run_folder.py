@@ -29,19 +29,19 @@ import socket
 import sys
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 
 from .checkpoint_verification import CheckpointVerificationError, verify_checkpoint
-from .disk_faults import WriteFailedError
-from .monitoring import MixedPrecisionError
 from .checkpointing import (
     list_checkpoints,
     read_trainer_state,
     remove_stale_temporaries,
     resolve_checkpoint,
 )
+from .disk_faults import WriteFailedError
+from .monitoring import MixedPrecisionError
 
 try:
     import fcntl
@@ -89,7 +89,7 @@ class OutputFolderLock:
     def acquire(self) -> None:
         """Takes the lock or raises `RunFolderError` naming the run that holds it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+", encoding="utf-8")  # never truncates what the holder wrote
+        handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the run; never truncates
         if fcntl is not None:
             try:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -118,10 +118,10 @@ class OutputFolderLock:
             self._file.close()
             self._file = None
 
-    def __enter__(self) -> OutputFolderLock:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.release()
 
 

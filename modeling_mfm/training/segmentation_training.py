@@ -197,7 +197,7 @@ class ADE20KFolder(Dataset):
             image_path, mask_path = self.pairs[(index + attempt) % len(self.pairs)]
             try:
                 sample = self._load(image_path, mask_path)
-            except Exception as error:  # PIL raises many types for broken files; bad labels raise ValueError
+            except Exception as error:  # noqa: BLE001 - PIL raises many types for broken files; bad labels too
                 data_logger.warning("skipping unreadable pair %s / %s: %s: %s", image_path, mask_path,
                                     type(error).__name__, error)
                 continue
