@@ -123,14 +123,18 @@ def list_image_folder(root: str | os.PathLike, by_class: bool = False) -> Folder
             if entry.name.startswith("."):
                 continue
             try:
-                mode = os.stat(entry.path).st_mode  # follows links
+                if entry.is_symlink():  # followed; the entry's own type needs no system call otherwise
+                    mode = os.stat(entry.path).st_mode
+                    is_dir, is_file = stat.S_ISDIR(mode), stat.S_ISREG(mode)
+                else:
+                    is_dir, is_file = entry.is_dir(follow_symlinks=False), entry.is_file(follow_symlinks=False)
             except OSError as error:
                 kind = "broken link" if entry.is_symlink() else "unreadable entry"
                 listing.problems.append(f"{_printable(entry.path)}: {kind} ({error.strerror or error})")
                 continue
-            if stat.S_ISDIR(mode):
+            if is_dir:
                 pending.append((entry.path, label if label is not None else entry.name, ancestors | {identity}))
-            elif stat.S_ISREG(mode) and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+            elif is_file and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
                 if by_class and label is None:
                     listing.problems.append(f"{_printable(entry.path)}: not inside a class folder")
                     continue

@@ -234,9 +234,10 @@ def _normalised_path(value: Any) -> Any:
 
 def trajectory_settings(arguments: Any, ignore: Collection[str], **extra: Any) -> dict[str, Any]:
     """The settings that determine a run's trajectory: the fields of the ``arguments`` dataclass except ``ignore``
-    (logging cadence, worker counts, paths of outputs...), plus ``extra`` (derived values, the model configuration
+    (logging cadence, worker counts, paths of outputs...) and credentials, plus ``extra`` (derived values, the model configuration
     as a dict...). Nested dicts are flattened into dotted names; local paths are made absolute."""
-    values = {k: _normalised_path(v) for k, v in dataclasses.asdict(arguments).items() if k not in ignore}
+    values = {k: _normalised_path(v) for k, v in dataclasses.asdict(arguments).items()
+              if k not in ignore and not k.endswith("token")}  # credentials never reach a trainer state
     values.update(extra)
     return _plain(_flatten(values))
 
