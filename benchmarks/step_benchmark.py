@@ -278,7 +278,7 @@ def benchmark_input_pipeline(
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    dataset, column = load_image_dataset(train_dir=folder, cache_dir=cache_dir)
+    dataset, column, _ = load_image_dataset(train_dir=folder, cache_dir=cache_dir)
     transform = PretrainTransform(image_size, jpeg_draft=jpeg_draft)
     if decode_on_device:
         transform = DeviceDecodeTransform(transform)
@@ -348,7 +348,7 @@ def benchmark_transform_stages(
     over the folder."""
     if passes <= 0:
         raise ValueError(f"passes must be positive, got {passes}")
-    dataset, column = load_image_dataset(train_dir=folder, cache_dir=cache_dir)
+    dataset, column, _ = load_image_dataset(train_dir=folder, cache_dir=cache_dir)
     source = HFImageSource(dataset, column)
     transform = PretrainTransform(image_size, jpeg_draft=jpeg_draft)
     threads = torch.get_num_threads()

@@ -12,12 +12,14 @@ import logging
 from transformers import HfArgumentParser
 
 from modeling_mfm.training.linear_probe import LinearProbeArguments, run_linear_probe
+from modeling_mfm.training.run_folder import one_line_errors
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     (args,) = HfArgumentParser(LinearProbeArguments).parse_args_into_dataclasses(args=argv)
-    run_linear_probe(args)
+    with one_line_errors("run_linear_probe.py"):  # exit status 2: refused to start, 3: a write failed (full disk...)
+        run_linear_probe(args)
 
 
 if __name__ == "__main__":

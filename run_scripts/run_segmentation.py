@@ -12,13 +12,15 @@ import logging
 
 from transformers import HfArgumentParser
 
+from modeling_mfm.training.run_folder import one_line_errors
 from modeling_mfm.training.segmentation_training import SegmentationArguments, train_segmentation
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     (args,) = HfArgumentParser(SegmentationArguments).parse_args_into_dataclasses(args=argv)
-    train_segmentation(args)
+    with one_line_errors("run_segmentation.py"):  # exit status 2: refused to start, 3: a write failed (full disk...)
+        train_segmentation(args)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import sys
+import time
 
 import datasets
 import pytest
 import torch
-from classification_fixtures import CLASS_COLOURS, make_class_folders, run_script
+from classification_fixtures import CLASS_COLOURS, REPO, make_class_folders, run_script, script_env
 from conftest import tiny_config
 from PIL import Image
 from safetensors.torch import load_file
@@ -103,7 +106,7 @@ def test_transforms_shapes_and_official_mapping():
             parse_rand_augment(bad)
 
 
-def test_unreadable_images_are_skipped_in_training_and_refused_in_evaluation(tmp_path):
+def test_unreadable_images_are_replaced_in_training_and_left_out_of_evaluation(tmp_path, caplog):
     good = tmp_path / "good.png"
     Image.new("RGB", (8, 8), (255, 0, 0)).save(good)
     broken = tmp_path / "broken.jpg"
@@ -111,10 +114,12 @@ def test_unreadable_images_are_skipped_in_training_and_refused_in_evaluation(tmp
     rows = datasets.Dataset.from_dict({"image": [{"path": str(broken), "bytes": None},
                                                  {"path": str(good), "bytes": None}], "label": [0, 1]})
     transform = build_eval_transform(8, [0.5] * 3, [0.5] * 3, crop_pct=1.0)
-    sample = ClassificationDataset(rows, "image", "label", transform, skip_unreadable=True)[0]
-    assert sample["labels"] == 1 and sample["skipped"] == 1
-    with pytest.raises(ValueError, match="broken.jpg"):
-        ClassificationDataset(rows, "image", "label", transform)[0]
+    sample = ClassificationDataset(rows, "image", "label", transform, replace_unreadable=True)[0]
+    assert sample["labels"] == 1 and sample["skipped"] == 1 and sample["valid"]
+    with caplog.at_level("WARNING"):
+        left_out = ClassificationDataset(rows, "image", "label", transform)[0]
+    assert not left_out["valid"] and left_out["skipped"] == 1 and left_out["labels"] == 0
+    assert left_out["pixel_values"].shape == (3, 8, 8) and "broken.jpg" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -202,12 +207,29 @@ def test_run_finetune_end_to_end_resume_and_push(folders, pretrained, tmp_path):
     partial = json.loads((split / "all_results.json").read_text())
     assert not partial["completed"] and partial["global_step"] == 3
     assert (split / "checkpoints" / "checkpoint-3").is_dir()
-    run_script("run_finetune.py", base + common_args(folders, tmp_path, split) + ["--resume_from_checkpoint", "latest"],
-               tmp_path)
+    run_script("run_finetune.py", base + common_args(folders, tmp_path, split), tmp_path)  # the same command
     resumed = json.loads((split / "all_results.json").read_text())
     assert resumed["completed"] and resumed["history"] == results["history"]
     expected = load_file(full / "checkpoints" / "checkpoint-12" / "model.safetensors")
     actual = load_file(split / "checkpoints" / "checkpoint-12" / "model.safetensors")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, rtol=0, atol=0, msg=name)
+
+    # killed with SIGKILL after its first checkpoint, the same command continues to the same weights
+    killed = tmp_path / "killed"
+    args = base + common_args(folders, tmp_path, killed) + ["--checkpointing_steps", "2"]
+    process = subprocess.Popen([sys.executable, str(REPO / "run_scripts" / "run_finetune.py"), *args], cwd=REPO,
+                               env=script_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while not (killed / "checkpoints" / "checkpoint-2").exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=30) == -signal.SIGKILL
+    assert not (killed / "checkpoints" / "checkpoint-12").exists()
+    run_script("run_finetune.py", args, tmp_path)
+    assert json.loads((killed / "all_results.json").read_text())["history"] == results["history"]
+    actual = load_file(killed / "checkpoints" / "checkpoint-12" / "model.safetensors")
     for name, tensor in expected.items():
         torch.testing.assert_close(actual[name], tensor, rtol=0, atol=0, msg=name)
 

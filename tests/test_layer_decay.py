@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import TINY_BACKBONES, tiny_config
-from torch.optim.lr_scheduler import LambdaLR
 
 from modeling_mfm import MFMForImageClassification
 from modeling_mfm.training.layer_decay import layer_decay_parameter_groups, layer_id_for_parameter
-from modeling_mfm.training.schedules import WarmupCosineSchedule
+from modeling_mfm.training.schedules import LearningRateSchedule
 
 DECAY = 0.8
 
@@ -82,10 +81,10 @@ def test_schedule_keeps_the_layer_ratios():
     model = MFMForImageClassification(tiny_config("beit", num_labels=4))
     groups = layer_decay_parameter_groups(model, weight_decay=0.05, layer_decay=DECAY, lr=2e-3)
     optimizer = torch.optim.AdamW(groups, lr=2e-3)
-    scheduler = LambdaLR(optimizer, WarmupCosineSchedule(2e-3, 100, 10, 1e-6, 1e-6))
-    for _ in range(37):
+    schedule = LearningRateSchedule(2e-3, 100, 10, 1e-6, 1e-6)
+    for step in range(37):
+        schedule.apply(optimizer, step)
         optimizer.step()
-        scheduler.step()
     lrs = {g["layer_id"]: g["lr"] for g in optimizer.param_groups}
     layers = 2
     assert lrs[0] / lrs[layers + 1] == pytest.approx(DECAY ** (layers + 1))

@@ -99,6 +99,8 @@ def test_run_robustness_eval_end_to_end(tmp_path):
         save_image(tmp_path / "r" / wnid / "0.png", rng)  # wrong
     save_image(tmp_path / "sketch" / outsider / "0.JPEG", rng)  # right
     save_image(tmp_path / "sketch" / a_first / "0.JPEG", rng)  # wrong: no restriction on Sketch
+    (tmp_path / "sketch" / a_first / "1.JPEG").write_bytes(b"\xff\xd8 not a JPEG")  # unreadable: left out, counted
+    (tmp_path / "sketch" / a_first / "2.JPEG").symlink_to(tmp_path / "nowhere.JPEG")  # broken link: counted
 
     output = tmp_path / "results.json"
     result = run_script("run_robustness_eval.py", [
@@ -107,9 +109,11 @@ def test_run_robustness_eval_end_to_end(tmp_path):
         "--imagenet_sketch_dir", str(tmp_path / "sketch"), "--num_workers", "0", "--per_device_batch_size", "3",
         "--output_file", str(output)], tmp_path)
     results = json.loads(output.read_text())
-    assert results["imagenet_a"] == {"top1": pytest.approx(200 / 3), "num_samples": 3}
-    assert results["imagenet_r"] == {"top1": pytest.approx(25.0), "num_samples": 4}
-    assert results["imagenet_sketch"] == {"top1": pytest.approx(50.0), "num_samples": 2}
+    clean = {"num_unreadable": 0, "unlisted_entries": 0}
+    assert results["imagenet_a"] == {"top1": pytest.approx(200 / 3), "num_samples": 3, **clean}
+    assert results["imagenet_r"] == {"top1": pytest.approx(25.0), "num_samples": 4, **clean}
+    assert results["imagenet_sketch"] == {"top1": pytest.approx(50.0), "num_samples": 2, "num_unreadable": 1,
+                                          "unlisted_entries": 1}
     c = results["imagenet_c"]
     assert c["num_samples"] == 15 * 5 * 4 and c["complete"]
     assert all(acc == [25.0] * 5 for acc in c["accuracy"].values())

@@ -68,7 +68,7 @@ def test_load_image_folder_keeps_only_undecoded_images(tmp_path):
     folder = tmp_path / "train"
     write_images(folder / "cats", 3)
     write_images(folder / "dogs", 2, start=10)
-    dataset, column = load_image_dataset(train_dir=str(folder), cache_dir=str(tmp_path / "cache"))
+    dataset, column, _ = load_image_dataset(train_dir=str(folder), cache_dir=str(tmp_path / "cache"))
     assert column == "image" and dataset.column_names == ["image"] and len(dataset) == 5
     row = dataset[0]["image"]
     assert isinstance(row, dict) and row["path"].endswith(".jpg")  # decoding is ours
@@ -88,7 +88,7 @@ def test_load_image_folder_errors(tmp_path):
     write_images(tmp_path / "photos", 2)
     with pytest.raises(ValueError, match="lies inside train_dir"):
         load_image_dataset(train_dir=str(tmp_path / "photos"), cache_dir=str(tmp_path / "photos" / "cache"))
-    dataset, _ = load_image_dataset(train_dir=str(tmp_path / "photos"), cache_dir=str(tmp_path / "photos-cache"))
+    dataset, _, _ = load_image_dataset(train_dir=str(tmp_path / "photos"), cache_dir=str(tmp_path / "photos-cache"))
     assert len(dataset) == 2  # a sibling folder whose name starts alike is fine
 
 
@@ -100,7 +100,7 @@ def test_load_dataset_by_path_with_named_column(tmp_path):
     data = data.cast_column("photo", datasets.Image())
     (tmp_path / "repo" / "data").mkdir(parents=True)
     data.to_parquet(str(tmp_path / "repo" / "data" / "train-00000-of-00001.parquet"))
-    dataset, column = load_image_dataset(dataset_name=str(tmp_path / "repo"), cache_dir=str(tmp_path / "cache"))
+    dataset, column, _ = load_image_dataset(dataset_name=str(tmp_path / "repo"), cache_dir=str(tmp_path / "cache"))
     assert column == "photo" and dataset.column_names == ["photo"]
     assert np.array_equal(np.asarray(open_image(dataset[2]["photo"])), np.asarray(images[2]))
     with pytest.raises(ValueError, match="'pixels' is not a column"):
@@ -110,7 +110,7 @@ def test_load_dataset_by_path_with_named_column(tmp_path):
 
 def test_unreadable_image_is_skipped_counted_and_replaced(tmp_path, transform, caplog):
     write_images(tmp_path / "imgs", 3, corrupt=1)
-    dataset, column = load_image_dataset(train_dir=str(tmp_path / "imgs"), cache_dir=str(tmp_path / "cache"))
+    dataset, column, _ = load_image_dataset(train_dir=str(tmp_path / "imgs"), cache_dir=str(tmp_path / "cache"))
     data = PretrainingDataset(HFImageSource(dataset, column), transform, seed=0)
     broken = next(i for i in range(len(dataset)) if "broken" in dataset[i][column]["path"])
     with caplog.at_level("WARNING"):
@@ -126,7 +126,7 @@ def test_unreadable_image_is_skipped_counted_and_replaced(tmp_path, transform, c
 
 def test_only_unreadable_images_raise(tmp_path, transform):
     write_images(tmp_path / "bad", 0, corrupt=2)
-    dataset, column = load_image_dataset(train_dir=str(tmp_path / "bad"), cache_dir=str(tmp_path / "cache"))
+    dataset, column, _ = load_image_dataset(train_dir=str(tmp_path / "bad"), cache_dir=str(tmp_path / "cache"))
     with pytest.raises(RuntimeError, match="unreadable images in a row"):
         PretrainingDataset(HFImageSource(dataset, column), transform, seed=0)[(0, 0)]
 
@@ -178,7 +178,7 @@ def test_sample_photos_ship_with_scikit_image():
 
 def test_streaming_split_by_node_and_skips(tmp_path, transform):
     write_images(tmp_path / "imgs", 6, corrupt=1)
-    stream, column = load_image_dataset(train_dir=str(tmp_path / "imgs"), streaming=True)
+    stream, column, _ = load_image_dataset(train_dir=str(tmp_path / "imgs"), streaming=True)
     seen = []
     for rank in (0, 1):
         part = prepare_stream(stream, seed=0, shuffle_buffer_size=0, rank=rank, world_size=2)

@@ -123,7 +123,7 @@ def test_dataloader_with_workers_ships_encoded_samples(tmp_path):
     folder.mkdir()
     for i in range(6):
         smooth_photo(60 + i, 80, i).save(folder / f"{i}.jpg", quality=90)
-    dataset, column = load_image_dataset(train_dir=str(folder), cache_dir=str(tmp_path / "cache"))
+    dataset, column, _ = load_image_dataset(train_dir=str(folder), cache_dir=str(tmp_path / "cache"))
     pil = PretrainTransform(24, jpeg_draft=False)
     encoded = PretrainingDataset(HFImageSource(dataset, column), DeviceDecodeTransform(pil), seed=3)
     plain = PretrainingDataset(HFImageSource(dataset, column), pil, seed=3)

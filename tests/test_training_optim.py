@@ -1,4 +1,4 @@
-"""AdamW parameter groups, the linear lr scaling rule and the warmup + cosine schedule."""
+"""AdamW parameter groups, the linear lr scaling rule and the warmup + cosine / linear schedule."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 
 from modeling_mfm import MFMForPreTraining
 from modeling_mfm.training.optim import build_optimizer, parameter_groups, scale_learning_rate
-from modeling_mfm.training.schedules import WarmupCosineSchedule, build_warmup_cosine_scheduler, warmup_cosine_lr
+from modeling_mfm.training.schedules import LearningRateSchedule
 
 
 class ToyViT(nn.Module):
@@ -109,45 +109,43 @@ def test_linear_scaling_rule():
 
 
 def test_warmup_cosine_values():
-    kwargs = dict(peak_lr=1.0, total_steps=100, warmup_steps=10, warmup_lr=0.1, min_lr=0.01)
-    assert warmup_cosine_lr(0, **kwargs) == pytest.approx(0.1)
-    assert warmup_cosine_lr(5, **kwargs) == pytest.approx(0.55)
+    schedule = LearningRateSchedule(peak_lr=1.0, total_steps=100, warmup_steps=10, warmup_lr=0.1, min_lr=0.01)
+    assert schedule.lr_at(0) == pytest.approx(0.1)
+    assert schedule.lr_at(5) == pytest.approx(0.55)
     # the cosine is measured from step 0, as timm's CosineLRScheduler without warmup_prefix
-    assert warmup_cosine_lr(10, **kwargs) == pytest.approx(0.01 + 0.99 * (1 + math.cos(math.pi * 0.1)) / 2)
-    assert warmup_cosine_lr(50, **kwargs) == pytest.approx(0.505)
-    assert warmup_cosine_lr(100, **kwargs) == pytest.approx(0.01)
-    after = [warmup_cosine_lr(s, **kwargs) for s in range(10, 101)]
+    assert schedule.lr_at(10) == pytest.approx(0.01 + 0.99 * (1 + math.cos(math.pi * 0.1)) / 2)
+    assert schedule.lr_at(50) == pytest.approx(0.505)
+    assert schedule.lr_at(100) == pytest.approx(0.01)
+    after = [schedule.lr_at(s) for s in range(10, 101)]
     assert all(a >= b for a, b in zip(after, after[1:]))
     with pytest.raises(ValueError, match="warmup_steps"):
-        WarmupCosineSchedule(1.0, 10, 11, 0.0, 0.0)
+        LearningRateSchedule(1.0, 10, 11, 0.0, 0.0)
     with pytest.raises(ValueError, match="min_lr"):
-        WarmupCosineSchedule(1.0, 10, 1, 0.0, 2.0)
+        LearningRateSchedule(1.0, 10, 1, 0.0, 2.0)
+    with pytest.raises(ValueError, match="decay"):
+        LearningRateSchedule(1.0, 10, 1, decay="poly")
 
 
-def test_scheduler_steps_per_optimizer_step_and_restores():
-    def make():
-        optimizer = torch.optim.AdamW(parameter_groups(ToyViT(), 0.05), lr=2.0)
-        return optimizer, build_warmup_cosine_scheduler(optimizer, 20, 4, warmup_lr=0.2, min_lr=0.02)
+def test_linear_decay_is_measured_from_step_0_as_mmsegmentation():
+    schedule = LearningRateSchedule(peak_lr=1e-4, total_steps=160000, warmup_steps=1500, decay="linear")
+    assert schedule.lr_at(0) == 0.0 and schedule.lr_at(750) == pytest.approx(0.5e-4)
+    assert schedule.lr_at(1500) == pytest.approx(1e-4 * (1 - 1500 / 160000))  # mmseg's poly, power 1, min 0
+    assert schedule.lr_at(80000) == pytest.approx(0.5e-4)
+    assert schedule.lr_at(160000) == 0.0 and schedule.lr_at(170000) == 0.0
 
-    optimizer, scheduler = make()
+
+def test_schedule_is_a_function_of_the_step_and_sets_every_group():
+    optimizer = torch.optim.AdamW(parameter_groups(ToyViT(), 0.05), lr=2.0)
+    optimizer.param_groups[1]["lr_scale"] = 0.5  # a layer-decay group
+    schedule = LearningRateSchedule(2.0, 20, 4, warmup_lr=0.2, min_lr=0.02)
     seen = []
-    for _ in range(20):
-        seen.append(optimizer.param_groups[0]["lr"])
-        assert {g["lr"] for g in optimizer.param_groups} == {seen[-1]}
+    for step in range(20):
+        seen.append(schedule.apply(optimizer, step))
+        assert optimizer.param_groups[0]["lr"] == seen[-1]
+        assert optimizer.param_groups[1]["lr"] == pytest.approx(0.5 * seen[-1])
         optimizer.step()
-        scheduler.step()
-    expected = [warmup_cosine_lr(s, 2.0, 20, 4, 0.2, 0.02) for s in range(20)]
-    assert seen == pytest.approx(expected)
-    # a scheduler restored at step 7 continues identically
-    optimizer, scheduler = make()
-    for _ in range(7):
-        optimizer.step()
-        scheduler.step()
-    state = scheduler.state_dict()
-    optimizer2, scheduler2 = make()
-    optimizer2.load_state_dict(optimizer.state_dict())
-    scheduler2.load_state_dict(state)
-    assert optimizer2.param_groups[0]["lr"] == pytest.approx(expected[7])
-    optimizer2.step()
-    scheduler2.step()
-    assert optimizer2.param_groups[0]["lr"] == pytest.approx(expected[8])
+    assert seen == pytest.approx([schedule.lr_at(s) for s in range(20)])
+    # a resumed run needs only the step: no scheduler state exists
+    fresh = torch.optim.AdamW(parameter_groups(ToyViT(), 0.05), lr=2.0)
+    assert schedule.apply(fresh, 7) == seen[7] and fresh.param_groups[0]["lr"] == seen[7]
+

@@ -209,7 +209,18 @@ class PretrainingArguments:
     resume_from_checkpoint: str = field(
         default="latest",
         metadata={"help": "'latest' (the newest checkpoint in output_dir; starts fresh if there is none, so "
-                          "re-running a killed command continues it), a checkpoint folder, or 'none'."},
+                          "re-running a killed command continues it), a checkpoint folder, or 'none' (start fresh; "
+                          "refused when output_dir holds checkpoints, unless --overwrite_output_dir)."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start a new run in output_dir: delete the checkpoints and logs of the run that was there."},
+    )
+    allow_changed_settings: bool = field(
+        default=False,
+        metadata={"help": "Resume even if settings that change the training trajectory (seed, learning rates, batch, "
+                          "schedule, data, model configuration...) differ from the checkpoint's; the differences "
+                          "are logged and written to the model card."},
     )
     logging_steps: int | None = field(default=None, metadata={"help": "Log metrics every N steps."})
     visualization_steps: int | None = field(

@@ -5,6 +5,8 @@ A checkpoint is written by `Accelerator.save_state` into a hidden temporary fold
 filesystem is atomic, so a run killed at any moment leaves either the previous checkpoints or the new one — never a
 half-written folder under a checkpoint name. Temporary leftovers are ignored by `list_checkpoints` and removed at
 the next start. (This guards against crashed or killed processes; surviving a power cut would also need fsync.)
+A save that fails (a full disk...) removes its temporary folder and raises `disk_faults.WriteFailedError` naming
+the path: the previous checkpoints stay as they were.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ import re
 import shutil
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from .disk_faults import write_failure
 
 __all__ = [
     "CHECKPOINT_PREFIX",
@@ -103,10 +109,19 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+def _failed_anywhere(accelerator: Any, failed: bool) -> bool:
+    """Whether any process failed (every process must take the same branch, or the others would wait forever)."""
+    if accelerator.num_processes == 1:
+        return failed
+    from accelerate.utils import reduce
+
+    return bool(reduce(torch.tensor([int(failed)], device=accelerator.device), reduction="sum").item())
+
+
 def save_checkpoint(
     accelerator: Any, root: str | os.PathLike, step: int, trainer_state: dict[str, Any], keep: int | None = None
 ) -> Path:
-    """Saves the Accelerate state (model, optimizer, scheduler, grad scaler, RNG of every process) as
+    """Saves the Accelerate state (model, optimizer, grad scaler, RNG of every process) and ``trainer_state`` as
     ``root/checkpoint-<step>``, atomically, then keeps the newest ``keep``. Call on every process."""
     root = Path(root)
     final = root / f"{CHECKPOINT_PREFIX}{step}"
@@ -116,10 +131,27 @@ def save_checkpoint(
         if temporary.exists():
             shutil.rmtree(temporary)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))
+    error = None
+    try:
+        accelerator.save_state(str(temporary))
+        if accelerator.is_main_process:
+            _write_json(temporary / TRAINER_STATE_NAME, {**trainer_state, "step": step})
+    except (OSError, RuntimeError) as raised:  # torch.save reports a full disk as a RuntimeError
+        error = raised
+    if _failed_anywhere(accelerator, error is not None):
+        failure = None
+        if error is not None:
+            failure = write_failure(error, temporary, f"checkpoint {final.name}",
+                                    "the partial checkpoint was removed; the previous checkpoints are intact")
+        if accelerator.is_main_process:
+            shutil.rmtree(temporary, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        if failure is None:
+            failure = write_failure(RuntimeError("another process failed"), temporary, f"checkpoint {final.name}",
+                                    "the partial checkpoint was removed")
+        raise failure from error
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _write_json(temporary / TRAINER_STATE_NAME, {**trainer_state, "step": step})
         if final.exists():  # an older run reached this step: swap it out, never leave the name empty of a checkpoint
             trash = root / f"{TRASH_PREFIX}{step}"
             os.replace(final, trash)

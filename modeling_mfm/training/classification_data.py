@@ -1,8 +1,9 @@
 """Labelled image datasets and the fine-tuning / evaluation transforms of the official recipe.
 
-Sources: a Hub dataset id (``datasets.load_dataset``), or image folders (``<train_dir>/<class>/*`` and optionally
-``<validation_dir>/<class>/*``, read by the ``imagefolder`` builder: class names are the sorted folder names). When
-there is no validation split, a stratified ``validation_split_percentage`` of the training rows is held out.
+Sources: a Hub dataset id (``datasets.load_dataset``), or image folders (``<train_dir>/<class>/**`` and optionally
+``<validation_dir>/<class>/**``, listed by `image_folders`: class names are the sorted folder names, entries that
+cannot be listed are counted). When there is no validation split, a stratified ``validation_split_percentage`` of
+the training rows is held out.
 
 Transforms (torchvision ``transforms.v2`` on PIL images):
 
@@ -23,16 +24,15 @@ Augmentations are indexed: the random draws of sample ``i`` in epoch ``e`` come 
 ``(seed, e, i)`` (`ClassificationDataset.set_epoch`), so a sample looks the same with any number of workers or
 processes and after a resume.
 
-Decoding is done here (the image column is read with ``Image(decode=False)``): training replaces an unreadable
-image by the next readable row (logged and counted) so that one bad file does not stop a run; evaluation raises,
-naming the file, because skipping would change the evaluated set.
+Decoding is done here (the image column is read with ``Image(decode=False)``), so that one bad file (corrupt,
+truncated, a decompression bomb...) never stops a run: training replaces an unreadable image by the next readable
+row, evaluation marks its row ``valid = False`` so that the metrics leave it out; both log and count it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,11 +40,13 @@ from typing import Any
 
 import datasets
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-from .data import IMAGE_EXTENSIONS, find_image_column, open_image
+from .data import find_image_column, open_image
+from .image_folders import folder_dataset, list_image_folder
 from .randomness import derive_seed
 from .transforms import to_rgb
 
@@ -207,6 +209,7 @@ class ClassificationData:
     image_column: str
     label_column: str
     labels: list[str]
+    unlisted: list[str] = field(default_factory=list)  # folder entries that could not be listed (image folders)
 
     @property
     def id2label(self) -> dict[int, str]:
@@ -245,13 +248,13 @@ def find_label_column(features: datasets.Features, requested: str | None = None)
     raise ValueError(f"no label column found among {columns}; pass --label_column_name")
 
 
-def _check_folder(name: str, path: str) -> None:
-    if not os.path.isdir(path):
-        raise ValueError(f"{name} {path!r} is not a directory")
-    for _, _, files in os.walk(path):
-        if any(os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS for f in files):
-            return
-    raise ValueError(f"{name} {path!r} contains no image files (looked for {sorted(IMAGE_EXTENSIONS)})")
+def _list_folder(name: str, path: str) -> Any:
+    try:
+        listing = list_image_folder(path, by_class=True)
+    except ValueError as error:
+        raise ValueError(f"{name} {error}") from None
+    listing.log_problems()
+    return listing
 
 
 def load_classification_dataset(
@@ -281,13 +284,14 @@ def load_classification_dataset(
         raise ValueError("validation_dir needs train_dir (for a Hub dataset use validation_split_name)")
     if not 0.0 < validation_split_percentage < 100.0:
         raise ValueError(f"validation_split_percentage must be in (0, 100), got {validation_split_percentage}")
+    unlisted: list[str] = []
     if train_dir is not None:
-        _check_folder("train_dir", train_dir)
-        data_files = {"train": os.path.join(train_dir, "**")}
+        listings = {"train": _list_folder("train_dir", train_dir)}
         if validation_dir is not None:
-            _check_folder("validation_dir", validation_dir)
-            data_files["validation"] = os.path.join(validation_dir, "**")
-        splits = datasets.load_dataset("imagefolder", data_files=data_files, cache_dir=cache_dir)
+            listings["validation"] = _list_folder("validation_dir", validation_dir)
+        names = sorted(set().union(*(listing.class_names for listing in listings.values())))
+        splits = {split: folder_dataset(listing, names) for split, listing in listings.items()}
+        unlisted = [problem for listing in listings.values() for problem in listing.problems]
         train_split_name = "train"
     else:
         splits = datasets.load_dataset(
@@ -318,7 +322,7 @@ def load_classification_dataset(
             raise ValueError(f"the {name} split lacks the column {image_column!r} or {label_column!r}")
     train = _undecoded(train.select_columns([image_column, label_column]), image_column)
     validation = _undecoded(validation.select_columns([image_column, label_column]), image_column)
-    return ClassificationData(train, validation, image_column, label_column, labels)
+    return ClassificationData(train, validation, image_column, label_column, labels, unlisted)
 
 
 def _undecoded(dataset: datasets.Dataset, column: str) -> datasets.Dataset:
@@ -367,12 +371,15 @@ def _hold_out(
 
 
 class ClassificationDataset(Dataset):
-    """``{"pixel_values": float (3, S, S), "labels": int64}`` rows from a split of `ClassificationData`.
+    """``{"pixel_values": float (3, S, S), "labels": int64, "skipped": int, "valid": bool}`` rows from a split of
+    `ClassificationData`.
 
     Args:
         dataset: rows with an undecoded image column and an integer label column.
         transform: PIL image -> tensor.
-        skip_unreadable: replace an unreadable image by the next readable row (training); when False, raise.
+        replace_unreadable: replace an unreadable image by the next readable row (training: batches keep their
+            size, ``skipped`` counts the replacements); when False the row comes back with ``valid = False`` and a
+            blank image, for the evaluation to leave out (``skipped`` 1).
         seed: base of the per-sample augmentation seeds ``(seed, epoch, index)``; None uses the global RNG.
     """
 
@@ -382,7 +389,7 @@ class ClassificationDataset(Dataset):
         image_column: str,
         label_column: str,
         transform: Callable[[Any], torch.Tensor],
-        skip_unreadable: bool = False,
+        replace_unreadable: bool = False,
         seed: int | None = None,
     ) -> None:
         self.dataset = dataset
@@ -391,7 +398,8 @@ class ClassificationDataset(Dataset):
         self.image_column = image_column
         self.label_column = label_column
         self.transform = transform
-        self.skip_unreadable = skip_unreadable
+        self.replace_unreadable = replace_unreadable
+        self._blank: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -412,27 +420,36 @@ class ClassificationDataset(Dataset):
             return f"{value['path']} (row {index})"
         return f"row {index}"
 
+    def blank(self) -> torch.Tensor:
+        """What the transform makes of a black image: the stand-in of an unreadable evaluation image."""
+        if self._blank is None:
+            self._blank = self._transform(Image.new("RGB", (8, 8)), 0)
+        return self._blank
+
     def __getitem__(self, index: int) -> dict[str, Any]:
-        for attempt in range(MAX_CONSECUTIVE_FAILURES):
+        attempts = MAX_CONSECUTIVE_FAILURES if self.replace_unreadable else 1
+        for attempt in range(attempts):
             row = self.dataset[(index + attempt) % len(self.dataset)]
             value = row[self.image_column]
             try:
                 with open_image(value) as image:
                     pixel_values = self._transform(to_rgb(image), index)
-            except (OSError, ValueError, SyntaxError) as error:
-                where = self._describe(index + attempt, value)
-                if not self.skip_unreadable:
-                    raise ValueError(f"cannot read the image {where}: {error}") from error
-                logger.warning("skipping unreadable image %s: %s", where, error)
+            except Exception as error:  # noqa: BLE001 - PIL raises many types for broken files (bombs included)
+                logger.warning("skipping unreadable image %s: %s: %s", self._describe(index + attempt, value),
+                               type(error).__name__, error)
                 continue
-            return {"pixel_values": pixel_values, "labels": int(row[self.label_column]), "skipped": attempt}
+            return {"pixel_values": pixel_values, "labels": int(row[self.label_column]), "skipped": attempt,
+                    "valid": True}
+        if not self.replace_unreadable:
+            return {"pixel_values": self.blank(), "labels": int(row[self.label_column]), "skipped": 1, "valid": False}
         raise ValueError(f"{MAX_CONSECUTIVE_FAILURES} unreadable images in a row from row {index}: is the data broken?")
 
 
 def collate_classification(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stacks rows into ``{"pixel_values": (B, 3, S, S), "labels": (B,), "skipped": scalar}``."""
+    """Stacks rows into ``{"pixel_values": (B, 3, S, S), "labels": (B,), "valid": (B,) bool, "skipped": scalar}``."""
     return {
         "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
         "labels": torch.tensor([s["labels"] for s in samples], dtype=torch.long),
+        "valid": torch.tensor([s.get("valid", True) for s in samples], dtype=torch.bool),
         "skipped": torch.tensor(sum(int(s["skipped"]) for s in samples), dtype=torch.long),
     }

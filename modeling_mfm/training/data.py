@@ -10,7 +10,11 @@ Design choices, and why:
   any number of workers or processes and after a resume, which makes restarts exact and lets a 2-process run be
   compared with a 1-process run.
 * An unreadable image is replaced by the next readable one (index + 1, + 2, ...), so batches keep their size and
-  every process takes the same number of steps; each replacement counts as one skipped image.
+  every process takes the same number of steps; each replacement counts as one skipped image. "Unreadable"
+  includes decompression bombs: PIL's ``DecompressionBombWarning`` (an image of more than ``Image.MAX_IMAGE_PIXELS``)
+  is an error here, not a warning followed by a decode that could exhaust the memory.
+* Image folders are listed by `image_folders` (entries that cannot be listed are counted; names that are not UTF-8
+  work).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from importlib import resources
 from itertools import count
@@ -30,6 +35,7 @@ from datasets.distributed import split_dataset_by_node
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, Sampler
 
+from .image_folders import IMAGE_EXTENSIONS, folder_dataset, list_image_folder, local_path
 from .transforms import PretrainTransform, to_rgb
 
 logger = logging.getLogger(__name__)
@@ -50,9 +56,6 @@ __all__ = [
     "sample_photo_source",
 ]
 
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
-)
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "images", "picture", "photo", "jpg", "jpeg", "png")
 
 # Photographs that ship inside the scikit-image wheel (no download): colour photos first, then greyscale ones
@@ -77,35 +80,45 @@ SAMPLE_PHOTOS = (
 
 # Give up after this many unreadable images in a row: the data is broken, not an odd file.
 MAX_CONSECUTIVE_FAILURES = 64
+# Shards of a streamed image folder (what --streaming splits across processes and DataLoader workers).
+STREAM_SHARDS = 256
 
 
 # ---------------------------------------------------------------------------------------------------- decoding
 def open_image(value: Any) -> Image.Image:
     """Opens an image from what a dataset row holds: ``{"bytes", "path"}`` (``datasets.Image(decode=False)``),
-    raw bytes, a path, or an already decoded PIL image. The file is opened lazily (header only)."""
+    raw bytes, a path, or an already decoded PIL image. The file is opened lazily (header only); a decompression
+    bomb raises (``Image.DecompressionBombWarning`` / ``Error``)."""
     if isinstance(value, Image.Image):
         return value
     if isinstance(value, dict):
         if value.get("bytes"):
-            return Image.open(io.BytesIO(value["bytes"]))
+            return _open(io.BytesIO(value["bytes"]))
         if value.get("path"):
             return _open_path(value["path"])
         raise ValueError("image value has neither bytes nor path")
     if isinstance(value, (bytes, bytearray)):
-        return Image.open(io.BytesIO(value))
+        return _open(io.BytesIO(value))
     if isinstance(value, (str, os.PathLike)):
         return _open_path(os.fspath(value))
     raise TypeError(f"cannot open an image from a {type(value).__name__}")
 
 
+def _open(file: Any) -> Image.Image:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(file)
+
+
 def _open_path(path: str) -> Image.Image:
+    path = local_path(path)  # a file name that is not UTF-8 is stored as a file:// URI
     if os.path.exists(path):
-        return Image.open(path)
+        return _open(path)
     # remote (hf://, https://, s3://...) files of streamed datasets
     from datasets.utils.file_utils import xopen
 
     with xopen(path, "rb") as f:
-        return Image.open(io.BytesIO(f.read()))
+        return _open(io.BytesIO(f.read()))
 
 
 class ImageSource(Protocol):
@@ -331,13 +344,6 @@ def _is_within(path: str, folder: str) -> bool:
     return os.path.commonpath([path, folder]) == folder
 
 
-def _has_image_file(directory: str) -> bool:
-    for _, _, files in os.walk(directory):
-        if any(os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS for f in files):
-            return True
-    return False
-
-
 def load_image_dataset(
     dataset_name: str | None = None,
     dataset_config_name: str | None = None,
@@ -348,11 +354,14 @@ def load_image_dataset(
     cache_dir: str | None = None,
     revision: str | None = None,
     token: str | bool | None = None,
-) -> tuple[datasets.Dataset | datasets.IterableDataset, str]:
+) -> tuple[datasets.Dataset | datasets.IterableDataset, str, list[str]]:
     """Loads a Hub dataset (``dataset_name``, ``dataset_config_name``, ``split``) or an image folder
-    (``train_dir``), keeps only the image column and turns off decoding. Returns ``(dataset, column)``."""
+    (``train_dir``, listed by `image_folders.list_image_folder`), keeps only the image column and turns off
+    decoding. Returns ``(dataset, column, problems)``, ``problems`` naming the folder entries that could not be
+    listed (logged here)."""
     if (dataset_name is None) == (train_dir is None):
         raise ValueError("give exactly one of dataset_name and train_dir")
+    problems: list[str] = []
     if train_dir is not None:
         if not os.path.isdir(train_dir):
             raise ValueError(f"train_dir {train_dir!r} is not a directory")
@@ -361,13 +370,15 @@ def load_image_dataset(
                 f"cache_dir {cache_dir!r} lies inside train_dir {train_dir!r}: the image folder loader would then "
                 "read the cache as part of the data; put the cache elsewhere"
             )
-        if not _has_image_file(train_dir):
-            raise ValueError(
-                f"train_dir {train_dir!r} contains no image files (looked for {sorted(IMAGE_EXTENSIONS)})"
-            )
-        dataset = datasets.load_dataset(
-            "imagefolder", data_dir=train_dir, split=split, streaming=streaming, cache_dir=cache_dir
-        )
+        try:
+            listing = list_image_folder(train_dir)
+        except ValueError as error:
+            raise ValueError(f"train_dir {error}") from None
+        listing.log_problems()
+        problems = listing.problems
+        dataset = folder_dataset(listing)
+        if streaming:
+            dataset = dataset.to_iterable_dataset(num_shards=min(len(dataset), STREAM_SHARDS))
     else:
         dataset = datasets.load_dataset(
             dataset_name,
@@ -388,7 +399,7 @@ def load_image_dataset(
         dataset = dataset.cast_column(column, datasets.Image(decode=False))
     if not streaming and len(dataset) == 0:
         raise ValueError(f"the dataset split {split!r} has no rows")
-    return dataset, column
+    return dataset, column, problems
 
 
 def prepare_stream(

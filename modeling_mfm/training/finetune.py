@@ -1,7 +1,7 @@
 """Fine-tuning an MFM encoder for image classification with Accelerate: the paper's recipe, evaluated every epoch.
 
 The loop (`finetune`): load data (`classification_data`) and model (`model_loading`), AdamW over layer-wise
-lr-decay groups (`layer_decay`), linear warmup + cosine per optimizer step (`schedules.WarmupCosineSchedule`),
+lr-decay groups (`layer_decay`), linear warmup + cosine per optimizer step (`schedules.LearningRateSchedule`),
 Mixup/CutMix with label smoothing and the soft-target cross-entropy (`mixup`), top-1 / top-5 on the validation set
 after every epoch (`evaluate_classifier`), the best model saved with ``save_pretrained`` in ``output_dir``,
 resumable checkpoints in ``output_dir/checkpoints`` (`checkpointing`), a JSON-lines log plus any Accelerate
@@ -12,7 +12,11 @@ for ``warmup_lr`` and ``min_lr``), with ``total_batch = per-device batch * proce
 
 Evaluation counts every validation sample exactly once whatever the number of processes: the validation loader is
 prepared by Accelerate (which pads the last batches so that all processes step together) and the per-sample results
-go through ``accelerator.gather_for_metrics``, which drops the padding.
+go through ``accelerator.gather_for_metrics``, which drops the padding. An unreadable validation image is left out
+and counted (``num_unreadable``); an unreadable training image is replaced by the next readable one and counted.
+
+The output folder belongs to the run and a resume keeps the run's settings (`run_folder`); the lr is a function of
+the step (`schedules`), so checkpoints hold no pickled object.
 """
 
 from __future__ import annotations
@@ -30,13 +34,12 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, LoggerType, ProjectConfiguration, set_seed
-from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..conversion.hub import check_repo_id, publish_folder
 from ..conversion.model_card import render_model_card
-from .checkpointing import read_trainer_state, remove_stale_temporaries, resolve_checkpoint, save_checkpoint
+from .checkpointing import save_checkpoint
 from .classification_data import (
     ClassificationDataArguments,
     ClassificationDataset,
@@ -45,13 +48,23 @@ from .classification_data import (
     collate_classification,
 )
 from .classification_metrics import TopKAccuracy, top_k_indices
+from .disk_faults import write_faults
 from .layer_decay import layer_decay_parameter_groups
 from .mixup import MixupCutmix, soft_target_cross_entropy
 from .model_factory import cudnn_autotuning, enable_activation_checkpointing, preferred_memory_format
 from .model_loading import load_classifier
+from .monitoring import precision_in_effect
 from .optim import FUSED_ADAMW_DEVICES, scale_learning_rate
 from .randomness import derive_seed, seeded_device_rng
-from .schedules import WarmupCosineSchedule
+from .run_folder import (
+    check_settings,
+    claim_output_dir,
+    config_settings,
+    describe_settings_changes,
+    find_resume_checkpoint,
+    trajectory_settings,
+)
+from .schedules import LearningRateSchedule
 from .trackers import JSONLinesTracker
 
 logger = get_logger(__name__)  # logs on the main process only
@@ -74,6 +87,16 @@ RECIPES: dict[str, dict[str, Any]] = {
         "random_erasing": 0.0, "mixup": 0.1, "cutmix": 1.0, "label_smoothing": 0.1, "crop_pct": 0.95, "clip_grad": None,
     },
 }
+
+
+# Arguments that change how a run is carried out, logged or saved, but not its training (see run_folder); every
+# other argument is a setting a resume must keep.
+RUN_ONLY_ARGUMENTS = frozenset({
+    "output_dir", "logging_steps", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint",
+    "overwrite_output_dir", "allow_changed_settings", "stop_after_steps", "eval_only", "report_to", "project_name",
+    "push_to_hub", "hub_model_id", "hub_token", "hub_private", "hub_local_dir", "num_workers", "cache_dir",
+    "cudnn_benchmark", "gradient_checkpointing", "per_device_eval_batch_size", "mixed_precision",
+})
 
 
 @dataclass(kw_only=True)
@@ -146,13 +169,26 @@ class FinetuneArguments(ClassificationDataArguments):
         default=None, metadata={"help": "Also checkpoint every N optimizer steps (always at each epoch end)."}
     )
     checkpoints_total_limit: int | None = field(default=2, metadata={"help": "Keep the newest N checkpoints."})
-    resume_from_checkpoint: str | None = field(
-        default=None, metadata={"help": "'latest' (under output_dir/checkpoints) or a checkpoint folder."}
+    resume_from_checkpoint: str = field(
+        default="latest",
+        metadata={"help": "'latest' (the newest checkpoint in output_dir/checkpoints; starts fresh if there is none, "
+                          "so re-running a command continues it), a checkpoint folder, or 'none' (start fresh; "
+                          "refused when output_dir holds checkpoints, unless --overwrite_output_dir)."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start a new run in output_dir: delete the checkpoints and logs of the run that was there."},
+    )
+    allow_changed_settings: bool = field(
+        default=False,
+        metadata={"help": "Resume even if settings that change the training (seed, learning rates, batch, data, "
+                          "model...) differ from the checkpoint's; the differences are logged and written to the "
+                          "model card."},
     )
     stop_after_steps: int | None = field(
         default=None,
         metadata={"help": "Stop this invocation after N optimizer steps in total, with a checkpoint (for "
-                          "time-limited jobs; continue with --resume_from_checkpoint latest)."},
+                          "time-limited jobs; the same command continues the run)."},
     )
     eval_only: bool = field(default=False, metadata={"help": "Only evaluate model_name_or_path on the validation set."})
     report_to: str = field(default="none", metadata={"help": "Accelerate trackers: tensorboard, wandb, all, none."})
@@ -222,24 +258,32 @@ class FinetuneArguments(ClassificationDataArguments):
 # ---------------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate_classifier(model: torch.nn.Module, dataloader: DataLoader, accelerator: Accelerator) -> dict[str, float]:
-    """Top-1 / top-5 accuracy (%) and mean cross-entropy over the whole validation set, each sample counted once
-    across processes. ``dataloader`` must have gone through ``accelerator.prepare``."""
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy over the readable images of the validation set, each
+    sample counted once across processes (``num_samples``; ``num_unreadable`` images were left out). ``dataloader``
+    must have gone through ``accelerator.prepare``; batches may carry ``valid`` (`ClassificationDataset`)."""
     model.eval()
     metric = TopKAccuracy(keep_in_memory=True)
-    loss_sum, count, k = 0.0, 0, None
+    loss_sum, count, unreadable, k = 0.0, 0, 0, None
     for batch in dataloader:
         logits = model(pixel_values=batch["pixel_values"]).logits
         k = min(5, logits.shape[1])
         losses = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
-        ranked, labels, losses = accelerator.gather_for_metrics((top_k_indices(logits, k), batch["labels"], losses))
+        valid = batch.get("valid", torch.ones_like(batch["labels"], dtype=torch.bool))
+        ranked, labels, losses, valid = accelerator.gather_for_metrics(
+            (top_k_indices(logits, k), batch["labels"], losses, valid)
+        )
+        unreadable += int((~valid).sum())
+        ranked, labels, losses = ranked[valid], labels[valid], losses[valid]
         metric.add_batch(predictions=ranked.cpu().tolist(), references=labels.cpu().tolist())
         loss_sum += float(losses.sum())
         count += int(labels.numel())
     if k is None:
         raise ValueError("the validation set is empty")
+    if count == 0:
+        raise ValueError(f"none of the {unreadable} validation images could be read")
     scores = metric.compute(k=sorted({1, k}))
     results = {"top1": 100.0 * scores["top1"], f"top{k}": 100.0 * scores[f"top{k}"]}
-    results.update({"loss": loss_sum / count, "num_samples": count})
+    results.update({"loss": loss_sum / count, "num_samples": count, "num_unreadable": unreadable})
     return results
 
 
@@ -260,8 +304,9 @@ def _plain_config(args: FinetuneArguments, extra: dict[str, Any]) -> dict[str, A
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    with write_faults(path, "the results"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _model_card(args: FinetuneArguments, config: Any, best: dict[str, Any], details: dict[str, Any]) -> str:
@@ -286,13 +331,7 @@ def _model_card(args: FinetuneArguments, config: Any, best: dict[str, Any], deta
 def finetune(args: FinetuneArguments) -> dict[str, Any]:
     """Runs fine-tuning (or evaluation only) and returns the results written to ``output_dir/all_results.json``."""
     args = args.resolved()
-    with cudnn_autotuning(args.cudnn_benchmark, "cuda" if torch.cuda.is_available() else "cpu"):
-        return _finetune(args)
-
-
-def _finetune(args: FinetuneArguments) -> dict[str, Any]:
     output_dir = Path(args.output_dir)
-    checkpoint_root = output_dir / "checkpoints"
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -300,6 +339,17 @@ def _finetune(args: FinetuneArguments) -> dict[str, Any]:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    try:
+        precision_in_effect(accelerator)
+        with claim_output_dir(output_dir, accelerator), cudnn_autotuning(args.cudnn_benchmark, accelerator.device):
+            return _finetune(args, accelerator)
+    finally:
+        accelerator.end_training()
+
+
+def _finetune(args: FinetuneArguments, accelerator: Accelerator) -> dict[str, Any]:
+    output_dir = Path(args.output_dir)
+    checkpoint_root = output_dir / "checkpoints"
     set_seed(args.seed)
 
     with accelerator.main_process_first():
@@ -332,9 +382,9 @@ def _finetune(args: FinetuneArguments) -> dict[str, Any]:
         metrics = evaluate_classifier(model, eval_loader, accelerator)
         logger.info("evaluation of %s: %s", args.model_name_or_path, metrics)
         results = {"eval_" + k: v for k, v in metrics.items()}
+        results["eval_unlisted_entries"] = len(data.unlisted)
         if accelerator.is_main_process:
             _write_json(output_dir / "eval_results.json", results)
-        accelerator.end_training()
         return results
 
     if args.gradient_checkpointing:
@@ -343,7 +393,7 @@ def _finetune(args: FinetuneArguments) -> dict[str, Any]:
         train_rows, data.image_column, data.label_column,
         build_train_transform(config.image_size, config.image_mean, config.image_std, args.auto_augment,
                               args.random_erasing),
-        skip_unreadable=True,
+        replace_unreadable=True,
         seed=args.seed,
     )
     train_loader = DataLoader(
@@ -374,25 +424,32 @@ def _finetune(args: FinetuneArguments) -> dict[str, Any]:
     total_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     num_epochs = math.ceil(total_steps / steps_per_epoch)
     warmup_steps = min(round(args.warmup_epochs * steps_per_epoch), total_steps)
-    # The scheduler is stepped by hand once per optimizer step (not through accelerator.prepare, which would step
-    # it once per process); it is registered so that checkpoints hold it.
-    schedule = WarmupCosineSchedule(lr, total_steps, warmup_steps, args.warmup_lr * lr_ratio, args.min_lr * lr_ratio)
-    scheduler = LambdaLR(optimizer, lr_lambda=schedule)
-    accelerator.register_for_checkpointing(scheduler)
+    # the lr of each step is set from the step (no scheduler object: checkpoints store the step only)
+    schedule = LearningRateSchedule(lr, total_steps, warmup_steps, args.warmup_lr * lr_ratio, args.min_lr * lr_ratio)
+    precision = precision_in_effect(accelerator)
+    settings = trajectory_settings(
+        args, RUN_ONLY_ARGUMENTS, num_processes=accelerator.num_processes, mixed_precision=precision,
+        schedule=asdict(schedule), model=config_settings(config),
+    )
 
     mixer = MixupCutmix(
         len(data.labels), mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, switch_prob=args.mixup_switch_prob,
         prob=args.mixup_prob, label_smoothing=args.label_smoothing,
     ) if (args.mixup > 0 or args.cutmix > 0) and len(data.labels) > 1 else None
 
-    state: dict[str, Any] = {"epoch": 0, "batches_in_epoch": 0, "global_step": 0, "best": {}, "history": []}
-    if accelerator.is_main_process:
-        remove_stale_temporaries(checkpoint_root)
-    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, checkpoint_root)
+    state: dict[str, Any] = {"epoch": 0, "batches_in_epoch": 0, "global_step": 0, "best": {}, "history": [],
+                             "skipped_images": 0, "settings_changes": []}
+    checkpoint, saved = find_resume_checkpoint(args.resume_from_checkpoint, output_dir, accelerator,
+                                               args.overwrite_output_dir)
     if checkpoint is not None:
+        changes = check_settings(checkpoint, saved, settings, args.allow_changed_settings)
         accelerator.load_state(str(checkpoint))
-        state.update(read_trainer_state(checkpoint))
+        state.update({k: v for k, v in saved.items() if k in state})
+        if changes:
+            state["settings_changes"].append({"step": state["global_step"], "changes": changes})
         logger.info("resumed from %s at optimizer step %d", checkpoint, state["global_step"])
+    state["settings"] = settings
+    schedule.apply(optimizer, state["global_step"])
 
     details = {
         "recipe": args.recipe, "epochs": num_epochs, "optimizer steps": total_steps, "total batch size": total_batch,
@@ -401,6 +458,7 @@ def _finetune(args: FinetuneArguments) -> dict[str, Any]:
         "warmup steps": warmup_steps, "mixup / cutmix": f"{args.mixup} / {args.cutmix}",
         "label smoothing": args.label_smoothing, "auto augment": args.auto_augment or "none",
         "random erasing": args.random_erasing, "mean pooling": args.mean_pooling, "image size": config.image_size,
+        "mixed precision": precision,
     }
     accelerator.init_trackers(args.project_name, config=_plain_config(args, {"total_steps": total_steps, "lr": lr}))
     logger.info(
@@ -412,9 +470,17 @@ def _finetune(args: FinetuneArguments) -> dict[str, Any]:
                     desc="fine-tuning")
     unwrapped = accelerator.unwrap_model(model)
     running_loss, running_count = torch.zeros((), device=accelerator.device), 0
+    pending_skipped = torch.zeros((), dtype=torch.long, device=accelerator.device)
     stopped_early = False
 
+    def count_skipped() -> None:
+        """Adds the replaced unreadable images of every process to the state (a synchronisation point)."""
+        nonlocal pending_skipped
+        state["skipped_images"] += int(accelerator.reduce(pending_skipped, reduction="sum").item())
+        pending_skipped = torch.zeros_like(pending_skipped)
+
     def checkpoint_now() -> None:
+        count_skipped()
         save_checkpoint(accelerator, checkpoint_root, state["global_step"], state, keep=args.checkpoints_total_limit)
 
     for epoch in range(state["epoch"], num_epochs):
@@ -446,17 +512,20 @@ def _finetune(args: FinetuneArguments) -> dict[str, Any]:
                 optimizer.zero_grad()
             running_loss += loss.detach()
             running_count += 1
+            pending_skipped += batch["skipped"]
             state["batches_in_epoch"] = batch_index + 1
             if not accelerator.sync_gradients:
                 continue
-            scheduler.step()
             state["global_step"] += 1
+            schedule.apply(optimizer, state["global_step"])
             progress.update(1)
             step = state["global_step"]
             if step % args.logging_steps == 0 or step == total_steps:
                 mean_loss = accelerator.reduce(running_loss / running_count, reduction="mean").item()
+                count_skipped()
                 head_lr = max(group["lr"] for group in optimizer.param_groups)
-                accelerator.log({"train/loss": mean_loss, "train/lr": head_lr, "train/epoch": epoch}, step=step)
+                accelerator.log({"train/loss": mean_loss, "train/lr": head_lr, "train/epoch": epoch,
+                                 "train/skipped_images": state["skipped_images"]}, step=step)
                 progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{head_lr:.3g}")
                 running_loss, running_count = torch.zeros((), device=accelerator.device), 0
             finished_epoch = state["batches_in_epoch"] >= batches_per_epoch
@@ -478,9 +547,10 @@ def _finetune(args: FinetuneArguments) -> dict[str, Any]:
         if not state["best"] or metrics["top1"] > state["best"]["metrics"]["top1"]:
             state["best"] = {"epoch": epoch + 1, "step": state["global_step"], "metrics": metrics}
             accelerator.wait_for_everyone()
-            unwrapped.save_pretrained(
-                output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save
-            )
+            with write_faults(output_dir, "the best model"):
+                unwrapped.save_pretrained(
+                    output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save
+                )
         state["epoch"], state["batches_in_epoch"] = epoch + 1, 0
         checkpoint_now()
         if state["global_step"] >= total_steps:
@@ -489,21 +559,37 @@ def _finetune(args: FinetuneArguments) -> dict[str, Any]:
             stopped_early = True
             break
     progress.close()
+    count_skipped()
 
     results: dict[str, Any] = {
         "completed": not stopped_early and state["global_step"] >= total_steps,
         "global_step": state["global_step"],
         "total_steps": total_steps,
         "history": state["history"],
+        "skipped_images": state["skipped_images"],
+        "unlisted_entries": len(data.unlisted),
     }
     if state["best"]:
         best = state["best"]
         results.update({"best_epoch": best["epoch"], **{f"best_{k}": v for k, v in best["metrics"].items()}})
+    details["skipped unreadable training images"] = state["skipped_images"]
+    if state["history"]:
+        details["unreadable validation images"] = state["history"][-1].get("num_unreadable", 0)
+    if data.unlisted:
+        details["folder entries that could not be listed"] = len(data.unlisted)
+    if state["settings_changes"]:
+        details["settings changed on resume (--allow_changed_settings)"] = describe_settings_changes(
+            state["settings_changes"]
+        )
     if accelerator.is_main_process:
+        if state["skipped_images"] or data.unlisted:
+            logger.warning("skipped %d unreadable training images; %d folder entries could not be listed",
+                           state["skipped_images"], len(data.unlisted))
         _write_json(output_dir / "all_results.json", results)
         if results["completed"] and state["best"]:
-            (output_dir / "README.md").write_text(_model_card(args, unwrapped.config, state["best"], details),
-                                                  encoding="utf-8")
+            with write_faults(output_dir, "the model card"):
+                (output_dir / "README.md").write_text(_model_card(args, unwrapped.config, state["best"], details),
+                                                      encoding="utf-8")
             if args.push_to_hub:
                 url = publish_folder(
                     output_dir, args.hub_model_id, private=args.hub_private, token=args.hub_token,
@@ -511,5 +597,4 @@ def _finetune(args: FinetuneArguments) -> dict[str, Any]:
                 )
                 logger.info("pushed to %s", url)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
     return results

@@ -16,7 +16,8 @@ transform (resize + centre crop) of every training and validation image:
   their summed votes (top-1 / top-5).
 
 Feature extraction is distributed (``accelerator.gather_for_metrics``: each image once); the probe and the kNN run on
-the main process.
+the main process. Unreadable images are left out of both sets and counted in the results, as are the folder entries
+that could not be listed.
 """
 
 from __future__ import annotations
@@ -42,9 +43,11 @@ from .classification_data import (
     collate_classification,
 )
 from .classification_metrics import TopKAccuracy
+from .disk_faults import write_faults
 from .model_factory import preferred_memory_format
 from .model_loading import load_encoder
-from .schedules import WarmupCosineSchedule
+from .run_folder import claim_output_dir
+from .schedules import LearningRateSchedule
 
 logger = get_logger(__name__)
 
@@ -118,16 +121,18 @@ def pool_features(encoder: MFMModel, pixel_values: torch.Tensor, pooling: str = 
 def extract_features(
     encoder: MFMModel, dataloader: DataLoader, accelerator: Accelerator, pooling: str = "mean"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features (N, D) float32 and labels (N,) of a prepared dataloader, every sample once, on every process."""
+    """Features (N, D) float32 and labels (N,) of a prepared dataloader, every readable sample once (batches may
+    mark unreadable ones with ``valid``), on every process."""
     encoder.eval()
     features, labels = [], []
     for batch in dataloader:
         pooled = pool_features(encoder, batch["pixel_values"], pooling).float()
-        pooled, batch_labels = accelerator.gather_for_metrics((pooled, batch["labels"]))
-        features.append(pooled.cpu())
-        labels.append(batch_labels.cpu())
-    if not features:
-        raise ValueError("no images to extract features from")
+        valid = batch.get("valid", torch.ones_like(batch["labels"], dtype=torch.bool))
+        pooled, batch_labels, valid = accelerator.gather_for_metrics((pooled, batch["labels"], valid))
+        features.append(pooled[valid].cpu())
+        labels.append(batch_labels[valid].cpu())
+    if not features or sum(len(f) for f in features) == 0:
+        raise ValueError("no readable images to extract features from")
     return torch.cat(features), torch.cat(labels)
 
 
@@ -183,19 +188,17 @@ def train_linear_probe(
     lr = base_lr * batch_size / 256
     optimizer = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     warmup_steps = min(warmup_epochs * steps_per_epoch, total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, WarmupCosineSchedule(lr, total_steps, warmup_steps, 0.0, 0.0)
-    )
+    schedule = LearningRateSchedule(lr, total_steps, warmup_steps)
     probe.train()
-    for _ in range(epochs):
+    for epoch in range(epochs):
         order = torch.randperm(len(train_features), generator=generator)
         for step in range(steps_per_epoch):
+            schedule.apply(optimizer, epoch * steps_per_epoch + step)
             index = order[step * batch_size:(step + 1) * batch_size]
             loss = F.cross_entropy(probe(train_features[index]), train_labels[index])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            scheduler.step()
     probe.eval()
     with torch.no_grad():
         scores = probe(eval_features)
@@ -236,6 +239,11 @@ def run_linear_probe(args: LinearProbeArguments) -> dict[str, Any]:
     """Extracts features, runs the linear probe and / or kNN, writes ``output_dir/results.json`` and returns it."""
     args.check()
     accelerator = Accelerator()
+    with claim_output_dir(args.output_dir, accelerator):
+        return _run_linear_probe(args, accelerator)
+
+
+def _run_linear_probe(args: LinearProbeArguments, accelerator: Accelerator) -> dict[str, Any]:
     set_seed(args.seed)
     with accelerator.main_process_first():
         data = args.load_datasets(args.seed)
@@ -255,9 +263,16 @@ def run_linear_probe(args: LinearProbeArguments) -> dict[str, Any]:
     eval_features, eval_labels = extract_features(encoder, eval_loader, accelerator, args.pooling)
     logger.info("features: %d train, %d validation, dimension %d", len(train_features), len(eval_features),
                 train_features.shape[1])
+    unreadable = {name: len(loader.dataset) - len(features) for name, loader, features in
+                  (("train", loaders[0], train_features), ("eval", loaders[1], eval_features))}
+    if any(unreadable.values()) or data.unlisted:
+        logger.warning("left out %d unreadable training and %d unreadable validation images; %d folder entries "
+                       "could not be listed", unreadable["train"], unreadable["eval"], len(data.unlisted))
 
     results: dict[str, Any] = {
         "model": args.model_name_or_path, "num_train": len(train_features), "num_eval": len(eval_features),
+        "num_unreadable_train": unreadable["train"], "num_unreadable_eval": unreadable["eval"],
+        "unlisted_entries": len(data.unlisted),
         "feature_dim": int(train_features.shape[1]), "pooling": args.pooling if config.is_vit else "average",
     }
     num_classes = len(data.labels)
@@ -275,8 +290,9 @@ def run_linear_probe(args: LinearProbeArguments) -> dict[str, Any]:
             )
             results["linear_probe"] = {"epochs": args.linear_epochs, **scores}
         output = Path(args.output_dir)
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        with write_faults(output, "the results"):
+            output.mkdir(parents=True, exist_ok=True)
+            (output / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         for name in ("linear_probe", "knn"):
             if name in results:
                 scores = {k: v for k, v in results[name].items() if k.startswith("top")}

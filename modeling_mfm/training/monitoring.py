@@ -1,4 +1,5 @@
-"""Resource figures for logs, benchmarks and model cards: peak memory and a short description of the hardware."""
+"""Resource figures for logs, benchmarks and model cards: peak memory, a short description of the hardware, and the
+mixed precision that actually runs."""
 
 from __future__ import annotations
 
@@ -11,7 +12,32 @@ import sys
 
 import torch
 
-__all__ = ["describe_hardware", "peak_memory_bytes", "peak_reserved_bytes", "reset_peak_memory"]
+__all__ = [
+    "MixedPrecisionError",
+    "describe_hardware",
+    "peak_memory_bytes",
+    "peak_reserved_bytes",
+    "precision_in_effect",
+    "reset_peak_memory",
+]
+
+
+class MixedPrecisionError(ValueError):
+    """The requested mixed precision cannot run on this device."""
+
+
+def precision_in_effect(accelerator) -> str:
+    """The mixed precision the run really uses (what logs and model cards record). Accelerate silently trains in
+    float32 when autocast cannot run the requested precision (fp16 on the CPU): that raises `MixedPrecisionError`
+    here instead."""
+    requested = accelerator.mixed_precision
+    if requested == "no" or accelerator.native_amp or accelerator.distributed_type.value in ("DEEPSPEED", "MEGATRON_LM"):
+        return requested
+    device = accelerator.device.type
+    raise MixedPrecisionError(
+        f"--mixed_precision {requested} cannot run on the {device}: torch autocast has no {requested} there and "
+        "Accelerate would silently train in float32; use --mixed_precision bf16 or no"
+    )
 
 
 def peak_memory_bytes(device: torch.device | str) -> int:

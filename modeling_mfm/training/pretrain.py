@@ -11,7 +11,9 @@ the parts of `modeling_mfm.training` together:
   augmented from (seed, epoch, index) (`data`), so a resumed run repeats the uninterrupted one and N processes
   match one process with N accumulation steps;
 * a non-finite loss stops the run with `NonFiniteLossError` before the next checkpoint could store broken weights
-  (`step_statistics`).
+  (`step_statistics`);
+* the output folder belongs to this run (`run_folder`: a lock, the resume rule, the settings check), and the lr is a
+  function of the step (`schedules`), so a checkpoint holds no pickled object.
 """
 
 from __future__ import annotations
@@ -49,13 +51,7 @@ from .arguments import (
     parse_backbone_overrides,
     resolve_defaults,
 )
-from .checkpointing import (
-    list_checkpoints,
-    read_trainer_state,
-    remove_stale_temporaries,
-    resolve_checkpoint,
-    save_checkpoint,
-)
+from .checkpointing import save_checkpoint
 from .data import (
     EpochShuffleSampler,
     HFImageSource,
@@ -67,6 +63,7 @@ from .data import (
     sample_photo_source,
 )
 from .device_decoding import DeviceDecodeTransform, collate_encoded_batches, decode_batch
+from .disk_faults import write_faults
 from .model_factory import (
     build_config,
     build_model,
@@ -75,10 +72,18 @@ from .model_factory import (
     keep_residual_stream_in_bf16,
     preferred_memory_format,
 )
-from .monitoring import describe_hardware, peak_memory_bytes
+from .monitoring import describe_hardware, peak_memory_bytes, precision_in_effect
 from .optim import build_optimizer, scale_learning_rate
 from .randomness import derive_seed, global_micro_batch_index, seeded_device_rng
-from .schedules import build_warmup_cosine_scheduler
+from .run_folder import (
+    check_settings,
+    claim_output_dir,
+    config_settings,
+    describe_settings_changes,
+    find_resume_checkpoint,
+    trajectory_settings,
+)
+from .schedules import LearningRateSchedule
 from .step_statistics import NonFiniteLossError, StepStatistics
 from .trackers import JSONLinesTracker
 from .transforms import DEFAULT_CROP_RATIO, PretrainTransform, normalize_on_device
@@ -102,6 +107,21 @@ PICTURES_FOLDER = "reconstructions"
 FINAL_PICTURE = "reconstruction.png"
 OFFICIAL_EPOCHS, OFFICIAL_WARMUP_EPOCHS = OFFICIAL_DEFAULTS["num_train_epochs"], OFFICIAL_DEFAULTS["warmup_epochs"]
 MODEL_SEED_TAG = 1  # randomness domains: 0 = data (see data.py), 1 = the model's corruption draws
+
+# Arguments that change how a run is carried out, logged or saved, but not its trajectory; and arguments compared
+# through what they determine (the model configuration, the total batch, the schedule). Every other argument is
+# part of the settings a resume must keep (see run_folder).
+RUN_ONLY_ARGUMENTS = frozenset({
+    "output_dir", "logging_steps", "checkpointing_steps", "save_every_epoch", "checkpoints_total_limit",
+    "resume_from_checkpoint", "overwrite_output_dir", "allow_changed_settings", "visualization_steps",
+    "num_visualization_images", "report_to", "project_name", "push_to_hub", "hub_model_id", "hub_token",
+    "hub_private_repo", "hub_local_dir", "dataloader_num_workers", "dataloader_prefetch_factor", "cache_dir",
+    "cpu_threads", "torch_compile", "torch_compile_backend", "torch_compile_mode", "gradient_checkpointing",
+    "cudnn_benchmark", "max_nonfinite_retries",
+    "model", "config_file", "backbone_overrides", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "num_train_epochs", "max_train_steps", "warmup_epochs", "warmup_steps", "warmup_ratio", "base_learning_rate",
+    "warmup_lr", "min_lr", "mixed_precision",
+})
 
 
 class PretrainingArgumentError(ValueError):
@@ -135,6 +155,8 @@ class _Setup:
     total_batch_size: int
     peak_lr: float
     num_workers: int
+    schedule: LearningRateSchedule
+    unlisted: list[str]  # image-folder entries that could not be listed
 
 
 # ---------------------------------------------------------------------------------------------------- set-up
@@ -191,7 +213,7 @@ def _validate_arguments(args: PretrainingArguments) -> None:
 
 
 def _build_dataset(args: PretrainingArguments, config: Any, accelerator: Accelerator, demo: bool):
-    """-> (dataset, description, streaming)."""
+    """-> (dataset, description, streaming, entries of an image folder that could not be listed)."""
     transform = PretrainTransform(
         config.image_size, scale=(args.crop_min_scale, 1.0), ratio=DEFAULT_CROP_RATIO, jpeg_draft=args.jpeg_draft
     )
@@ -202,10 +224,10 @@ def _build_dataset(args: PretrainingArguments, config: Any, accelerator: Acceler
         # enough passes over the few photos that an "epoch" spans many steps
         repeats = max(1, math.ceil(50 * args.per_device_train_batch_size / len(source)))
         dataset = PretrainingDataset(source, transform, seed=args.seed, repeats=repeats)
-        return dataset, f"{len(source)} photos bundled with scikit-image (random crops)", False
+        return dataset, f"{len(source)} photos bundled with scikit-image (random crops)", False, []
     description = args.dataset_name or f"image folder {os.path.basename(os.path.normpath(args.train_dir))}"
     if args.streaming:
-        stream, column = load_image_dataset(
+        stream, column, unlisted = load_image_dataset(
             args.dataset_name, args.dataset_config_name, args.train_dir, args.train_split, args.image_column_name,
             streaming=True, cache_dir=args.cache_dir, token=args.hub_token,
         )
@@ -214,16 +236,16 @@ def _build_dataset(args: PretrainingArguments, config: Any, accelerator: Acceler
         stream = prepare_stream(stream, args.seed, args.shuffle_buffer_size, accelerator.process_index,
                                 accelerator.num_processes)
         dataset = StreamingPretrainingDataset(stream, column, transform, seed=args.seed, rank=accelerator.process_index)
-        return dataset, f"{description} (streamed)", True
+        return dataset, f"{description} (streamed)", True, unlisted
     with accelerator.main_process_first():  # the first process builds the datasets cache, the others reuse it
-        hf_dataset, column = load_image_dataset(
+        hf_dataset, column, unlisted = load_image_dataset(
             args.dataset_name, args.dataset_config_name, args.train_dir, args.train_split, args.image_column_name,
             streaming=False, cache_dir=args.cache_dir, token=args.hub_token,
         )
     if args.max_train_samples:
         hf_dataset = hf_dataset.select(range(min(args.max_train_samples, len(hf_dataset))))
     dataset = PretrainingDataset(HFImageSource(hf_dataset, column), transform, seed=args.seed)
-    return dataset, f"{description} ({len(dataset)} images)", False
+    return dataset, f"{description} ({len(dataset)} images)", False, unlisted
 
 
 def _setup(args: PretrainingArguments, overrides: dict[str, Any], accelerator: Accelerator) -> _Setup:
@@ -247,7 +269,7 @@ def _setup(args: PretrainingArguments, overrides: dict[str, Any], accelerator: A
         raise ValueError(
             f"--bf16_residual_stream needs --mixed_precision bf16 (this run: {accelerator.mixed_precision})"
         )
-    dataset, description, streaming = _build_dataset(args, config, accelerator, demo)
+    dataset, description, streaming, unlisted = _build_dataset(args, config, accelerator, demo)
 
     processes = accelerator.num_processes
     total_batch = args.per_device_train_batch_size * processes * args.gradient_accumulation_steps
@@ -283,6 +305,11 @@ def _setup(args: PretrainingArguments, overrides: dict[str, Any], accelerator: A
         num_workers = default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", processes)), accelerator.device)
     if streaming:
         num_workers = min(num_workers, max(1, dataset.dataset.num_shards))
+    peak_lr = scale_learning_rate(args.base_learning_rate, total_batch)
+    schedule = LearningRateSchedule(
+        peak_lr, total_steps, warmup_steps, warmup_lr=scale_learning_rate(args.warmup_lr, total_batch),
+        min_lr=scale_learning_rate(args.min_lr, total_batch),
+    )
     return _Setup(
         args=args,
         config=config,
@@ -294,8 +321,18 @@ def _setup(args: PretrainingArguments, overrides: dict[str, Any], accelerator: A
         total_steps=total_steps,
         warmup_steps=warmup_steps,
         total_batch_size=total_batch,
-        peak_lr=scale_learning_rate(args.base_learning_rate, total_batch),
+        peak_lr=peak_lr,
         num_workers=num_workers,
+        schedule=schedule,
+        unlisted=unlisted,
+    )
+
+
+def _trajectory_settings(setup: _Setup, precision: str) -> dict[str, Any]:
+    """What a resume must keep: see `RUN_ONLY_ARGUMENTS`."""
+    return trajectory_settings(
+        setup.args, RUN_ONLY_ARGUMENTS, total_batch_size=setup.total_batch_size, mixed_precision=precision,
+        schedule=dataclasses.asdict(setup.schedule), model=config_settings(setup.config),
     )
 
 
@@ -375,7 +412,6 @@ def run_pretraining(args: PretrainingArguments, config_overrides: dict[str, Any]
         mixed_precision=args.mixed_precision,
         log_with=_trackers(args, logging_dir),
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
-        step_scheduler_with_optimizer=False,  # stepped once per optimizer step, whatever the number of processes
         # batches come from pinned memory on CUDA: copy them to the device without blocking
         dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()),
         dynamo_plugin=dynamo_plugin(args),
@@ -386,7 +422,12 @@ def run_pretraining(args: PretrainingArguments, config_overrides: dict[str, Any]
         torch.set_num_threads(threads)
         accelerator.print(f"training on the CPU with {threads} thread(s) per process")
     try:
-        with cudnn_autotuning(args.cudnn_benchmark, accelerator.device):
+        try:
+            precision_in_effect(accelerator)
+            lock = claim_output_dir(args.output_dir, accelerator)  # before anything is written there
+        except ValueError as error:
+            raise PretrainingArgumentError(str(error)) from error
+        with lock, cudnn_autotuning(args.cudnn_benchmark, accelerator.device):
             run = _PretrainingRun(args, config_overrides or {}, accelerator)
             run.train()
             return run.write_outputs()
@@ -402,9 +443,20 @@ class _PretrainingRun:
         self.accelerator = accelerator
         self.checkpoint_root = os.path.join(args.output_dir, CHECKPOINTS_FOLDER)
         # anything wrong here is the user's input, reported without a traceback by the script
+        self.precision = precision_in_effect(accelerator)
         try:
             self.setup = _setup(args, overrides, accelerator)
-            checkpoint, trainer_state = self._find_checkpoint()
+            self.settings = _trajectory_settings(self.setup, self.precision)
+            checkpoint, trainer_state = find_resume_checkpoint(
+                args.resume_from_checkpoint, args.output_dir, accelerator, args.overwrite_output_dir,
+                CHECKPOINTS_FOLDER, LOGS_FOLDER,
+            )
+            self.settings_changes: list[dict[str, Any]] = []
+            if checkpoint is not None:
+                self.settings_changes = list(trainer_state.get("settings_changes", []))
+                changes = check_settings(checkpoint, trainer_state, self.settings, args.allow_changed_settings)
+                if changes:
+                    self.settings_changes.append({"step": int(trainer_state["step"]), "changes": changes})
         except (ValueError, OSError) as error:  # OSError: a model or dataset that cannot be found or read
             raise PretrainingArgumentError(str(error)) from error
         self._prepare()
@@ -415,6 +467,7 @@ class _PretrainingRun:
             self.completed_steps = int(trainer_state["step"])
             self.skipped_total = int(trainer_state.get("skipped_images", 0))
             accelerator.print(f"resumed from {checkpoint} at step {self.completed_steps}")
+        self.setup.schedule.apply(self.optimizer, self.completed_steps)
         self.steps_at_start = self.completed_steps
         self.last_loss: float | None = None
         self.train_seconds = 0.0
@@ -427,31 +480,6 @@ class _PretrainingRun:
         self.picture: str | None = None
 
     # ---- set-up
-    def _find_checkpoint(self) -> tuple[Any, dict[str, Any] | None]:
-        args, accelerator = self.args, self.accelerator
-        if accelerator.is_main_process:
-            remove_stale_temporaries(self.checkpoint_root)
-        accelerator.wait_for_everyone()
-        if args.resume_from_checkpoint.lower() == "none" and list_checkpoints(self.checkpoint_root):
-            raise ValueError(
-                f"{self.checkpoint_root} already holds checkpoints; resume them (--resume_from_checkpoint latest) or "
-                "choose another --output_dir"
-            )
-        checkpoint = resolve_checkpoint(args.resume_from_checkpoint, self.checkpoint_root)
-        state = read_trainer_state(checkpoint) if checkpoint else None
-        if state and state.get("total_batch_size") != self.setup.total_batch_size:
-            raise ValueError(
-                f"{checkpoint} was trained with total batch {state.get('total_batch_size')}, this run has "
-                f"{self.setup.total_batch_size} (per-device batch x processes x accumulation must stay the same)"
-            )
-        if state and state.get("total_steps") != self.setup.total_steps:
-            raise ValueError(
-                f"{checkpoint} belongs to a run of {state.get('total_steps')} steps, this one has "
-                f"{self.setup.total_steps}; resume with the same --max_train_steps / --num_train_epochs (the lr "
-                "schedule is part of the checkpoint), or start a new run in another --output_dir"
-            )
-        return checkpoint, state
-
     def _prepare(self) -> None:
         args, setup, accelerator = self.args, self.setup, self.accelerator
         device = accelerator.device
@@ -466,23 +494,18 @@ class _PretrainingRun:
             model, setup.peak_lr, weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2),
             eps=args.adam_epsilon,
         )
-        scheduler = build_warmup_cosine_scheduler(
-            optimizer, setup.total_steps, setup.warmup_steps,
-            warmup_lr=scale_learning_rate(args.warmup_lr, setup.total_batch_size),
-            min_lr=scale_learning_rate(args.min_lr, setup.total_batch_size),
-        )
         pin_memory = device.type == "cuda"
         dataloader = _make_dataloader(setup, pin_memory)
         if setup.streaming:
             # already split across processes by split_dataset_by_node: only move batches to the device
-            model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+            model, optimizer = accelerator.prepare(model, optimizer)
             dataloader = prepare_data_loader(
                 dataloader, device=device, num_processes=1, process_index=0, put_on_device=True,
                 dispatch_batches=False, non_blocking=pin_memory,
             )
         else:
-            model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
-        self.model, self.optimizer, self.dataloader, self.scheduler = model, optimizer, dataloader, scheduler
+            model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
+        self.model, self.optimizer, self.dataloader = model, optimizer, dataloader
 
     # ---- pictures, logs, checkpoints
     def visualize(self, step: int) -> None:
@@ -499,9 +522,10 @@ class _PretrainingRun:
             prediction["frequency_mask"], prediction["row_labels"],
             title=f"step {step} - loss on this batch {prediction['loss']:.4f}",
         )
-        save_png(picture, os.path.join(self.args.output_dir, PICTURES_FOLDER, f"step-{step:07d}.png"))
         self.picture = os.path.join(self.args.output_dir, FINAL_PICTURE)
-        save_png(picture, self.picture)
+        with write_faults(self.args.output_dir, "the reconstruction pictures"):
+            save_png(picture, os.path.join(self.args.output_dir, PICTURES_FOLDER, f"step-{step:07d}.png"))
+            save_png(picture, self.picture)
         for tracker in accelerator.trackers:
             if tracker.name == "tensorboard":
                 tracker.log_images({"reconstruction": picture[None]}, step=step, dataformats="NHWC")
@@ -529,10 +553,9 @@ class _PretrainingRun:
     def checkpoint(self, statistics: StepStatistics) -> None:
         statistics.check_finite(self.accelerator, self.last_checkpoint)  # never store weights a NaN has reached
         state = {
-            "total_batch_size": self.setup.total_batch_size,
             "skipped_images": self.skipped_total + statistics.pending_skipped(self.accelerator),
-            "seed": self.args.seed,
-            "total_steps": self.setup.total_steps,
+            "settings": self.settings,
+            "settings_changes": self.settings_changes,
         }
         self.last_checkpoint = save_checkpoint(
             self.accelerator, self.checkpoint_root, self.completed_steps, state, keep=self.args.checkpoints_total_limit
@@ -555,7 +578,7 @@ class _PretrainingRun:
 
     def train(self) -> None:
         args, setup, accelerator = self.args, self.setup, self.accelerator
-        model, optimizer, scheduler = self.model, self.optimizer, self.scheduler
+        model, optimizer, schedule = self.model, self.optimizer, setup.schedule
         device = accelerator.device
         accumulation = args.gradient_accumulation_steps
         config = setup.config
@@ -603,8 +626,8 @@ class _PretrainingRun:
                     if not accelerator.sync_gradients:
                         continue
                     lr = optimizer.param_groups[0]["lr"]  # the lr this step used
-                    scheduler.step()
                     self.completed_steps += 1
+                    schedule.apply(optimizer, self.completed_steps)
                     window_steps += 1
                     self.progress.update(1)
                     step = self.completed_steps
@@ -640,14 +663,18 @@ class _PretrainingRun:
         unwrapped = accelerator.unwrap_model(self.model, keep_torch_compile=False)
         # a compiled model's state dict names its weights "_orig_mod.<name>": save them under their own names
         state_dict = {k.replace("_orig_mod.", ""): v for k, v in accelerator.get_state_dict(self.model).items()}
-        unwrapped.save_pretrained(
-            args.output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
-            state_dict=state_dict,
-        )
+        with write_faults(args.output_dir, "the final model"):
+            unwrapped.save_pretrained(
+                args.output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
+                state_dict=state_dict,
+            )
         pushed = None
         if accelerator.is_main_process:
             if self.skipped_total:
                 logger.warning("skipped %d unreadable images in total", self.skipped_total)
+            if self.setup.unlisted:
+                logger.warning("%d entries of the image folder could not be listed (see the warning at the start)",
+                               len(self.setup.unlisted))
             card = render_model_card(
                 args.hub_model_id or f"local/{os.path.basename(os.path.normpath(args.output_dir))}",
                 unwrapped.config,
@@ -656,7 +683,9 @@ class _PretrainingRun:
                 training_details=self._training_details(),
                 images=[FINAL_PICTURE] if self.picture else None,
             )
-            with open(os.path.join(args.output_dir, "README.md"), "w", encoding="utf-8") as f:
+            with write_faults(args.output_dir, "the model card"), open(
+                os.path.join(args.output_dir, "README.md"), "w", encoding="utf-8"
+            ) as f:
                 f.write(card)
             if args.push_to_hub:
                 pushed = publish_folder(
@@ -679,7 +708,7 @@ class _PretrainingRun:
     def _training_details(self) -> dict[str, Any]:
         args, setup, accelerator = self.args, self.setup, self.accelerator
         steps = self.completed_steps
-        return {
+        details: dict[str, Any] = {
             "data": setup.data_description,
             "pretext": setup.config.corruption,
             "image size": setup.config.image_size,
@@ -690,9 +719,16 @@ class _PretrainingRun:
             "schedule": f"linear warmup {setup.warmup_steps} steps, then cosine to {args.min_lr:g} x batch / 512",
             "optimizer": f"AdamW betas ({args.adam_beta1}, {args.adam_beta2}), weight decay {args.weight_decay}",
             "gradient clipping": args.max_grad_norm,
-            "mixed precision": accelerator.mixed_precision,
+            "mixed precision": self.precision,
             "final loss": round(self.last_loss, 5) if self.last_loss is not None else "n/a",
             "hardware": describe_hardware(accelerator.device, accelerator.num_processes),
             "training time (this invocation)": f"{self.train_seconds / 60:.1f} min",
             "skipped images": self.skipped_total,
         }
+        if setup.unlisted:
+            details["folder entries that could not be listed"] = len(setup.unlisted)
+        if self.settings_changes:
+            details["settings changed on resume (--allow_changed_settings)"] = describe_settings_changes(
+                self.settings_changes
+            )
+        return details

@@ -22,6 +22,7 @@ Images get the evaluation transform of the classifier's image processor: shorter
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -32,11 +33,14 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from .classification_data import build_eval_transform
-from .data import IMAGE_EXTENSIONS, open_image
+from .data import open_image
+from .disk_faults import write_faults
+from .image_folders import list_image_folder, local_path
 from .robustness_classes import (
     ALEXNET_CORRUPTION_ERRORS,
     IMAGENET_1K_WNIDS,
@@ -47,6 +51,7 @@ from .robustness_classes import (
 from .transforms import to_rgb
 
 logger = get_logger(__name__)
+data_logger = logging.getLogger(__name__)  # DataLoader workers log without Accelerate's state
 
 __all__ = [
     "RobustnessArguments",
@@ -120,26 +125,22 @@ def class_wnids(config: Any) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------- data
 class WnidFolderDataset(Dataset):
-    """``<root>/<wnid>/*`` images as ``{"pixel_values", "labels"}``, the label being the index of the folder's wnid
-    in ``wnids`` (the evaluated class list)."""
+    """``<root>/<wnid>/*`` images as ``{"pixel_values", "labels", "valid"}``, the label being the index of the
+    folder's wnid in ``wnids`` (the evaluated class list). An unreadable image comes back blank with
+    ``valid = False`` (left out of the scores and counted); `problems` names the entries that could not be listed."""
 
     def __init__(self, root: str | os.PathLike, wnids: Sequence[str], transform: Any) -> None:
-        root = Path(root)
         index = {wnid: i for i, wnid in enumerate(wnids)}
-        folders = sorted(p for p in root.iterdir() if p.is_dir())
-        if not folders:
-            raise ValueError(f"{root} has no class folders (<wnid>/*)")
-        unknown = [p.name for p in folders if p.name not in index]
+        try:
+            listing = list_image_folder(root, by_class=True)
+        except ValueError as error:
+            raise ValueError(f"{error} (layout <wnid>/*)") from None
+        unknown = [name for name in listing.class_names if name not in index]
         if unknown:
             raise ValueError(f"{root} has folders that are not evaluated classes: {unknown[:5]}")
-        self.samples = [
-            (str(path), index[folder.name])
-            for folder in folders
-            for path in sorted(folder.iterdir())
-            if path.suffix.lower() in IMAGE_EXTENSIONS
-        ]
-        if not self.samples:
-            raise ValueError(f"{root} has no images")
+        listing.log_problems()
+        self.problems = listing.problems
+        self.samples = [(local_path(path), index[wnid]) for path, wnid in zip(listing.files, listing.classes)]
         self.transform = transform
 
     def __len__(self) -> int:
@@ -149,16 +150,17 @@ class WnidFolderDataset(Dataset):
         path, label = self.samples[index]
         try:
             with open_image(path) as image:
-                pixel_values = self.transform(to_rgb(image))
-        except (OSError, ValueError, SyntaxError) as error:
-            raise ValueError(f"cannot read the image {path}: {error}") from error
-        return {"pixel_values": pixel_values, "labels": label}
+                return {"pixel_values": self.transform(to_rgb(image)), "labels": label, "valid": True}
+        except Exception as error:  # noqa: BLE001 - PIL raises many types for broken files (bombs included)
+            data_logger.warning("leaving out unreadable image %s: %s: %s", path, type(error).__name__, error)
+        return {"pixel_values": self.transform(Image.new("RGB", (8, 8))), "labels": label, "valid": False}
 
 
 def _collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return {
         "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
         "labels": torch.tensor([s["labels"] for s in samples], dtype=torch.long),
+        "valid": torch.tensor([s["valid"] for s in samples], dtype=torch.bool),
     }
 
 
@@ -171,21 +173,26 @@ def evaluate_folder(
     batch_size: int,
     num_workers: int = 0,
 ) -> dict[str, float]:
-    """Top-1 accuracy (%) and sample count on a folder; ``class_indices`` restricts the logits to these model
-    classes (the labels are then positions in it)."""
+    """Top-1 accuracy (%) over the readable images of a folder, their count, and the counts of unreadable images
+    and unlisted entries; ``class_indices`` restricts the logits to these model classes (the labels are then
+    positions in it)."""
     loader = accelerator.prepare(DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                             collate_fn=_collate))
     model.eval()
-    correct, count = 0, 0
+    correct, count, unreadable = 0, 0, 0
     for batch in loader:
         logits = model(pixel_values=batch["pixel_values"]).logits
         if class_indices is not None:
             logits = logits[:, class_indices.to(logits.device)]
         hits = (logits.argmax(dim=1) == batch["labels"]).long()
-        hits = accelerator.gather_for_metrics(hits)
-        correct += int(hits.sum())
-        count += int(hits.numel())
-    return {"top1": 100.0 * correct / count, "num_samples": count}
+        hits, valid = accelerator.gather_for_metrics((hits, batch["valid"]))
+        correct += int(hits[valid].sum())
+        count += int(valid.sum())
+        unreadable += int((~valid).sum())
+    if count == 0:
+        raise ValueError(f"none of the {unreadable} images of the folder could be read")
+    return {"top1": 100.0 * correct / count, "num_samples": count, "num_unreadable": unreadable,
+            "unlisted_entries": len(dataset.problems)}
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
@@ -250,7 +257,7 @@ def run_robustness_eval(args: RobustnessArguments) -> dict[str, Any]:
         return evaluate_folder(model, dataset, accelerator, indices, args.per_device_batch_size, args.num_workers)
 
     if args.imagenet_c_dir is not None:
-        accuracy, errors, count = {}, {}, 0
+        accuracy, errors, count, unreadable, unlisted = {}, {}, 0, 0, 0
         for corruption in args.corruption_list():
             accuracy[corruption] = []
             for severity in SEVERITIES:
@@ -260,9 +267,12 @@ def run_robustness_eval(args: RobustnessArguments) -> dict[str, Any]:
                 scores = run(str(folder), wnids, None, 1.0)
                 accuracy[corruption].append(scores["top1"])
                 count += scores["num_samples"]
+                unreadable += scores["num_unreadable"]
+                unlisted += scores["unlisted_entries"]
             errors[corruption] = [1.0 - a / 100.0 for a in accuracy[corruption]]
             logger.info("ImageNet-C %s: top-1 %s", corruption, [round(a, 2) for a in accuracy[corruption]])
         results["imagenet_c"] = {**mean_corruption_error(errors), "accuracy": accuracy, "num_samples": count,
+                                 "num_unreadable": unreadable, "unlisted_entries": unlisted,
                                  "complete": len(errors) == len(IMAGENET_C_CORRUPTIONS)}
     if args.imagenet_a_dir is not None:
         classes, indices = subset(IMAGENET_A_WNIDS)
@@ -276,7 +286,8 @@ def run_robustness_eval(args: RobustnessArguments) -> dict[str, Any]:
     if accelerator.is_main_process:
         print(format_table(results))
         output = Path(args.output_file)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        with write_faults(output, "the results"):
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     accelerator.wait_for_everyone()
     return results

@@ -1,65 +1,81 @@
-"""The learning-rate schedule of MFM pre-training: linear warmup, then cosine decay to a minimum, per optimizer step.
+"""The learning-rate schedule of every training loop: linear warmup, then cosine or linear decay, per optimizer step.
 
-It follows the official recipe (timm's ``CosineLRScheduler`` with ``warmup_t`` and without ``warmup_prefix``):
-during warmup the lr rises linearly from ``warmup_lr`` to the peak; afterwards it is
-``min_lr + (peak - min_lr) * (1 + cos(pi * step / total_steps)) / 2``, the cosine being measured from step 0 (so at
-the end of a warmup over 1/15 of training the lr is 0.989 of the peak, as in the official runs). The schedule is a
-``torch.optim.lr_scheduler.LambdaLR``: Accelerate saves and restores it with the rest of the training state.
+The learning rate is a pure function of the optimizer step, so a checkpoint needs to store only the step (in our
+own ``trainer_state.json``) and no scheduler object is ever pickled or restored: `LearningRateSchedule.apply` sets
+each parameter group's lr for the step about to run, before the run starts (or resumes) and after every optimizer
+step.
+
+The shape follows the official recipes: during warmup the lr rises linearly from ``warmup_lr`` to the peak;
+afterwards the decay is measured from step 0, as timm's ``CosineLRScheduler`` with ``warmup_t`` and without
+``warmup_prefix`` (MFM pre-training and fine-tuning) and as mmsegmentation's poly schedule with power 1 (BEiT's
+ADE20K recipe):
+
+* cosine: ``min_lr + (peak - min_lr) * (1 + cos(pi * step / total_steps)) / 2`` (at the end of a warmup over 1/15 of
+  training the lr is 0.989 of the peak, as in the official runs);
+* linear: ``min_lr + (peak - min_lr) * (1 - step / total_steps)``.
+
+Layer-wise lr decay multiplies a group's lr by the group's ``lr_scale`` (`layer_decay`); groups without one train at
+the scheduled lr.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
-from torch.optim.lr_scheduler import LambdaLR
 
-__all__ = ["WarmupCosineSchedule", "build_warmup_cosine_scheduler", "warmup_cosine_lr"]
+__all__ = ["DECAYS", "LearningRateSchedule"]
 
-
-def warmup_cosine_lr(
-    step: int, peak_lr: float, total_steps: int, warmup_steps: int, warmup_lr: float, min_lr: float
-) -> float:
-    """The learning rate of optimizer step ``step`` (0-based)."""
-    if step < warmup_steps:
-        return warmup_lr + (peak_lr - warmup_lr) * step / warmup_steps
-    if step >= total_steps:
-        return min_lr
-    return min_lr + 0.5 * (peak_lr - min_lr) * (1.0 + math.cos(math.pi * step / total_steps))
+DECAYS = ("cosine", "linear")
 
 
-class WarmupCosineSchedule:
-    """The multiplicative factor of `LambdaLR` (lr / peak lr); a class rather than a closure so that it pickles and
-    its settings appear in the scheduler's ``state_dict``."""
+@dataclass(frozen=True)
+class LearningRateSchedule:
+    """Warmup from ``warmup_lr`` to ``peak_lr`` over ``warmup_steps``, then ``decay`` to ``min_lr`` at
+    ``total_steps`` (and ``min_lr`` after it)."""
 
-    def __init__(self, peak_lr: float, total_steps: int, warmup_steps: int, warmup_lr: float, min_lr: float) -> None:
-        if peak_lr <= 0:
-            raise ValueError(f"peak learning rate must be > 0, got {peak_lr}")
-        if total_steps <= 0:
-            raise ValueError(f"total_steps must be positive, got {total_steps}")
-        if not 0 <= warmup_steps <= total_steps:
-            raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}")
-        if not (0 <= warmup_lr <= peak_lr and 0 <= min_lr <= peak_lr):
+    peak_lr: float
+    total_steps: int
+    warmup_steps: int
+    warmup_lr: float = 0.0
+    min_lr: float = 0.0
+    decay: Literal["cosine", "linear"] = "cosine"
+
+    def __post_init__(self) -> None:
+        if self.peak_lr <= 0:
+            raise ValueError(f"peak learning rate must be > 0, got {self.peak_lr}")
+        if self.total_steps <= 0:
+            raise ValueError(f"total_steps must be positive, got {self.total_steps}")
+        if not 0 <= self.warmup_steps <= self.total_steps:
+            raise ValueError(f"warmup_steps must be in [0, total_steps={self.total_steps}], got {self.warmup_steps}")
+        if not (0 <= self.warmup_lr <= self.peak_lr and 0 <= self.min_lr <= self.peak_lr):
             raise ValueError(
-                f"warmup_lr ({warmup_lr}) and min_lr ({min_lr}) must be in [0, peak lr = {peak_lr}]"
+                f"warmup_lr ({self.warmup_lr}) and min_lr ({self.min_lr}) must be in [0, peak lr = {self.peak_lr}]"
             )
-        self.peak_lr = peak_lr
-        self.total_steps = total_steps
-        self.warmup_steps = warmup_steps
-        self.warmup_lr = warmup_lr
-        self.min_lr = min_lr
+        if self.decay not in DECAYS:
+            raise ValueError(f"decay must be one of {DECAYS}, got {self.decay!r}")
 
-    def __call__(self, step: int) -> float:
-        lr = warmup_cosine_lr(step, self.peak_lr, self.total_steps, self.warmup_steps, self.warmup_lr, self.min_lr)
-        return lr / self.peak_lr
+    def lr_at(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (0-based), before any group's ``lr_scale``."""
+        if step < self.warmup_steps:
+            return self.warmup_lr + (self.peak_lr - self.warmup_lr) * step / self.warmup_steps
+        if step >= self.total_steps:
+            return self.min_lr
+        progress = step / self.total_steps
+        remaining = (1.0 + math.cos(math.pi * progress)) / 2 if self.decay == "cosine" else 1.0 - progress
+        return self.min_lr + (self.peak_lr - self.min_lr) * remaining
 
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        """Sets every parameter group's lr for optimizer step ``step`` (``lr_at(step) * group["lr_scale"]``, scale 1
+        when absent) and returns ``lr_at(step)``."""
+        lr = self.lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        return lr
 
-def build_warmup_cosine_scheduler(
-    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, warmup_lr: float, min_lr: float
-) -> LambdaLR:
-    """A `LambdaLR` over ``optimizer`` whose groups start at the peak lr. Call ``step()`` once per optimizer step."""
-    peak_lrs = {group["lr"] for group in optimizer.param_groups}
-    if len(peak_lrs) != 1:
-        raise ValueError(f"all parameter groups must share one peak lr, got {sorted(peak_lrs)}")
-    schedule = WarmupCosineSchedule(peak_lrs.pop(), total_steps, warmup_steps, warmup_lr, min_lr)
-    return LambdaLR(optimizer, lr_lambda=schedule)
+    def describe(self) -> str:
+        """One line for logs and model cards."""
+        return (f"linear warmup {self.warmup_steps} steps from {self.warmup_lr:.3g} to {self.peak_lr:.3g}, then "
+                f"{self.decay} to {self.min_lr:.3g} at step {self.total_steps}")

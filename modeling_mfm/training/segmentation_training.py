@@ -6,17 +6,23 @@ With ``reduce_labels`` (ADE20K's convention) annotation 0 ("other") becomes the 
 becomes k - 1, giving 150 classes.
 
 The recipe follows BEiT's ADE20K fine-tuning (which MFM's paper uses): UperNet with an auxiliary FCN head (weight
-0.4), AdamW with layer-wise lr decay 0.65 and weight decay 0.05, linear warmup (1500 steps) then linear decay to 0,
+0.4), AdamW with layer-wise lr decay 0.65 and weight decay 0.05, linear warmup (1500 steps) then linear decay to 0
+(mmsegmentation's poly schedule with power 1, `schedules.LearningRateSchedule`),
 160k steps of batch 16, 512x512 crops of images randomly rescaled by 0.5-2.0 (shorter side relative to the crop) and
 flipped. Evaluation resizes the shorter side to the crop size and predicts with a sliding window (crop size, stride
 2/3 of it, logits averaged), as mmsegmentation's "slide" mode; the metric is mean IoU over the classes present in
 prediction or ground truth, accumulated as one confusion matrix over the whole validation set (each image counted
 once across processes).
+
+An unreadable image or annotation (or one whose labels are out of range) never stops the run: training replaces the
+pair by the next readable one, evaluation leaves it out; both are logged and counted, as are the folder entries that
+could not be listed. The output folder belongs to the run and a resume keeps its settings (`run_folder`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,26 +34,30 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, set_seed
-from PIL import Image
-from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 from tqdm.auto import tqdm
 
-from .checkpointing import read_trainer_state, remove_stale_temporaries, resolve_checkpoint, save_checkpoint
+from .checkpointing import save_checkpoint
+from .data import MAX_CONSECUTIVE_FAILURES, open_image
+from .disk_faults import write_faults
+from .image_folders import list_image_folder, local_path
 from .layer_decay import layer_decay_parameter_groups
 from .model_loading import build_mfm_config
+from .monitoring import precision_in_effect
+from .run_folder import check_settings, claim_output_dir, config_settings, find_resume_checkpoint, trajectory_settings
+from .schedules import LearningRateSchedule
 from .segmentation_model import segmentation_image_processor, upernet_from_mfm
 from .transforms import to_rgb
 
 logger = get_logger(__name__)
+data_logger = logging.getLogger(__name__)  # DataLoader workers log without Accelerate's state
 
 __all__ = [
     "ADE20KFolder",
     "SegmentationArguments",
-    "WarmupLinearDecay",
     "confusion_matrix",
     "iou_from_confusion",
     "sliding_window_logits",
@@ -55,6 +65,12 @@ __all__ = [
 ]
 
 IGNORE_INDEX = 255
+
+# Arguments that change how a run is carried out, logged or saved, but not its training (see run_folder).
+RUN_ONLY_ARGUMENTS = frozenset({
+    "output_dir", "eval_steps", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint",
+    "overwrite_output_dir", "allow_changed_settings", "num_workers", "logging_steps",
+})
 
 
 @dataclass
@@ -80,7 +96,20 @@ class SegmentationArguments:
     eval_steps: int = field(default=16000, metadata={"help": "Evaluate (and keep the best model) every N steps."})
     checkpointing_steps: int = field(default=4000, metadata={"help": "Save a resumable checkpoint every N steps."})
     checkpoints_total_limit: int | None = field(default=2, metadata={"help": "Keep the newest N checkpoints."})
-    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder."})
+    resume_from_checkpoint: str = field(
+        default="latest",
+        metadata={"help": "'latest' (the newest checkpoint in output_dir/checkpoints; starts fresh if there is none), "
+                          "a checkpoint folder, or 'none' (start fresh; refused when output_dir holds checkpoints, "
+                          "unless --overwrite_output_dir)."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Start a new run in output_dir: delete the checkpoints of the run there."}
+    )
+    allow_changed_settings: bool = field(
+        default=False,
+        metadata={"help": "Resume even if settings that change the training differ from the checkpoint's (the "
+                          "differences are logged and kept in all_results.json)."},
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training images."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use the first N validation images."})
     num_workers: int = field(default=4, metadata={"help": "DataLoader worker processes."})
@@ -102,32 +131,52 @@ class SegmentationArguments:
 
 # ---------------------------------------------------------------------------------------------------- data
 class ADE20KFolder(Dataset):
-    """(image, annotation) pairs of one split; returns ``{"pixel_values": (3, H, W), "labels": (H, W) int64}``."""
+    """(image, annotation) pairs of one split; returns ``{"pixel_values": (3, H, W), "labels": (H, W) int64,
+    "skipped": int, "valid": bool}``.
 
-    def __init__(self, data_dir: str, split: str, transform: Any, num_labels: int, reduce_labels: bool = True) -> None:
+    ``replace_unreadable``: a pair that cannot be read is replaced by the next readable one (training, ``skipped``
+    counts the replacements); otherwise it comes back blank with ``valid = False`` (evaluation leaves it out).
+    `problems` names the entries that could not be listed or paired.
+    """
+
+    def __init__(self, data_dir: str, split: str, transform: Any, num_labels: int, reduce_labels: bool = True,
+                 replace_unreadable: bool = False) -> None:
         images = Path(data_dir) / "images" / split
         annotations = Path(data_dir) / "annotations" / split
         for folder in (images, annotations):
             if not folder.is_dir():
                 raise ValueError(f"{folder} is missing (ADE20K layout: images/<split>, annotations/<split>)")
-        masks = {p.stem: p for p in annotations.iterdir() if p.suffix.lower() == ".png"}
-        self.pairs = [(p, masks[p.stem]) for p in sorted(images.iterdir())
-                      if p.suffix.lower() in (".jpg", ".jpeg", ".png") and p.stem in masks]
+        image_listing, mask_listing = list_image_folder(images), list_image_folder(annotations)
+        masks = {}
+        for stored in mask_listing.files:
+            path = Path(local_path(stored))
+            if path.suffix.lower() == ".png":
+                masks[path.stem] = path
+        self.problems = image_listing.problems + mask_listing.problems
+        self.pairs = []
+        for stored in image_listing.files:
+            path = Path(local_path(stored))
+            if path.suffix.lower() not in (".jpg", ".jpeg", ".png"):
+                continue
+            if path.stem in masks:
+                self.pairs.append((path, masks[path.stem]))
+            else:
+                self.problems.append(f"{stored}: no annotation {path.stem}.png")
         if not self.pairs:
             raise ValueError(f"no image with a matching annotation in {images} / {annotations}")
         self.transform = transform
         self.num_labels = num_labels
         self.reduce_labels = reduce_labels
+        self.replace_unreadable = replace_unreadable
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        image_path, mask_path = self.pairs[index]
-        with Image.open(image_path) as opened:
+    def _load(self, image_path: Path, mask_path: Path) -> dict[str, torch.Tensor]:
+        with open_image(image_path) as opened:
             image = to_rgb(opened)
             image.load()  # decode before the file closes
-        with Image.open(mask_path) as mask:
+        with open_image(mask_path) as mask:
             labels = torch.from_numpy(np.array(mask, dtype=np.int64))
         if labels.dim() != 2:
             raise ValueError(f"{mask_path} must hold one class index per pixel (a single-channel PNG)")
@@ -136,9 +185,28 @@ class ADE20KFolder(Dataset):
         out_of_range = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= self.num_labels))
         if out_of_range.any():
             raise ValueError(f"{mask_path} has labels outside [0, {self.num_labels}) (after reduction)")
-        pixel_values, labels = self.transform(tv_tensors.Image(T.functional.pil_to_tensor(image)),
-                                              tv_tensors.Mask(labels))
+        return self._transform(tv_tensors.Image(T.functional.pil_to_tensor(image)), tv_tensors.Mask(labels))
+
+    def _transform(self, image: tv_tensors.Image, labels: tv_tensors.Mask) -> dict[str, torch.Tensor]:
+        pixel_values, labels = self.transform(image, labels)
         return {"pixel_values": pixel_values, "labels": labels.as_subclass(torch.Tensor).long()}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        attempts = MAX_CONSECUTIVE_FAILURES if self.replace_unreadable else 1
+        for attempt in range(attempts):
+            image_path, mask_path = self.pairs[(index + attempt) % len(self.pairs)]
+            try:
+                sample = self._load(image_path, mask_path)
+            except Exception as error:  # noqa: BLE001 - PIL raises many types for broken files; bad labels too
+                data_logger.warning("skipping unreadable pair %s / %s: %s: %s", image_path, mask_path,
+                                    type(error).__name__, error)
+                continue
+            return {**sample, "skipped": attempt, "valid": True}
+        if not self.replace_unreadable:  # a blank image whose pixels are all ignored: it adds nothing to the scores
+            blank = self._transform(tv_tensors.Image(torch.zeros(3, 8, 8, dtype=torch.uint8)),
+                                    tv_tensors.Mask(torch.full((8, 8), IGNORE_INDEX, dtype=torch.int64)))
+            return {**blank, "skipped": 1, "valid": False}
+        raise ValueError(f"{MAX_CONSECUTIVE_FAILURES} unreadable pairs in a row from pair {index}: is the data broken?")
 
 
 def train_transform(crop_size: int, mean: list[float], std: list[float]) -> T.Compose:
@@ -209,36 +277,31 @@ def evaluate_segmentation(model: torch.nn.Module, loader: DataLoader, accelerato
                           num_labels: int) -> dict[str, float]:
     model.eval()
     total = torch.zeros(num_labels, num_labels, dtype=torch.long, device=accelerator.device)
-    images = 0
+    images, unreadable = 0, 0
     for batch in loader:
         per_image = []
-        for image, labels in zip(batch["pixel_values"], batch["labels"]):
-            logits = sliding_window_logits(model, image.unsqueeze(0), crop, num_labels)
-            per_image.append(confusion_matrix(logits.argmax(1)[0], labels, num_labels))
-        gathered = accelerator.gather_for_metrics(torch.stack(per_image))
+        for image, labels, valid in zip(batch["pixel_values"], batch["labels"], batch["valid"]):
+            if valid:
+                logits = sliding_window_logits(model, image.unsqueeze(0), crop, num_labels)
+                per_image.append(confusion_matrix(logits.argmax(1)[0], labels, num_labels))
+            else:
+                per_image.append(total.new_zeros(num_labels, num_labels))
+        gathered, valid = accelerator.gather_for_metrics((torch.stack(per_image), batch["valid"]))
         total += gathered.sum(0)
-        images += len(gathered)
-    return {**iou_from_confusion(total.cpu()), "num_samples": images}
+        images += int(valid.sum())
+        unreadable += int((~valid).sum())
+    return {**iou_from_confusion(total.cpu()), "num_samples": images, "num_unreadable": unreadable}
 
 
-class WarmupLinearDecay:
-    """LambdaLR factor: linear warmup from 0 to 1 over ``warmup_steps``, then linear decay to 0 at ``total_steps``
-    (mmsegmentation's poly schedule with power 1)."""
-
-    def __init__(self, total_steps: int, warmup_steps: int) -> None:
-        self.total_steps, self.warmup_steps = total_steps, warmup_steps
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        return max(0.0, (self.total_steps - step) / max(1, self.total_steps - self.warmup_steps))
-
-
-def _collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     shapes = {tuple(s["pixel_values"].shape) for s in samples}
     if len(shapes) == 1:
-        return {k: torch.stack([s[k] for s in samples]) for k in ("pixel_values", "labels")}
-    return {k: [s[k] for s in samples] for k in ("pixel_values", "labels")}  # evaluation images of several sizes
+        batch = {k: torch.stack([s[k] for s in samples]) for k in ("pixel_values", "labels")}
+    else:  # evaluation images of several sizes
+        batch = {k: [s[k] for s in samples] for k in ("pixel_values", "labels")}
+    batch["valid"] = torch.tensor([s["valid"] for s in samples], dtype=torch.bool)
+    batch["skipped"] = torch.tensor(sum(s["skipped"] for s in samples), dtype=torch.long)
+    return batch
 
 
 # ---------------------------------------------------------------------------------------------------- the run
@@ -246,6 +309,15 @@ def train_segmentation(args: SegmentationArguments) -> dict[str, Any]:
     """Trains, evaluates every ``eval_steps`` (keeping the best model in ``output_dir``) and returns the results."""
     args.check()
     accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    try:
+        precision_in_effect(accelerator)
+        with claim_output_dir(args.output_dir, accelerator):
+            return _train_segmentation(args, accelerator)
+    finally:
+        accelerator.end_training()
+
+
+def _train_segmentation(args: SegmentationArguments, accelerator: Accelerator) -> dict[str, Any]:
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
     checkpoint_root = output_dir / "checkpoints"
@@ -257,9 +329,13 @@ def train_segmentation(args: SegmentationArguments) -> dict[str, Any]:
     num_layers = getattr(backbone_config, "num_hidden_layers", None) or len(backbone_config.depths)
 
     train_set = ADE20KFolder(args.data_dir, args.train_split, train_transform(args.crop_size, mean, std),
-                             args.num_labels, args.reduce_labels)
+                             args.num_labels, args.reduce_labels, replace_unreadable=True)
     eval_set = ADE20KFolder(args.data_dir, args.validation_split, eval_transform(args.crop_size, mean, std),
                             args.num_labels, args.reduce_labels)
+    unlisted = train_set.problems + eval_set.problems
+    if unlisted:
+        logger.warning("skipped %d folder entries that could not be listed or paired: %s", len(unlisted),
+                       "; ".join(unlisted[:5]))
     if args.max_train_samples:
         train_set.pairs = train_set.pairs[:args.max_train_samples]
     if args.max_eval_samples:
@@ -272,19 +348,35 @@ def train_segmentation(args: SegmentationArguments) -> dict[str, Any]:
     for group in groups:
         group.pop("names")
     optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.999))
-    scheduler = LambdaLR(optimizer, WarmupLinearDecay(args.max_train_steps, args.warmup_steps))
+    schedule = LearningRateSchedule(args.learning_rate, args.max_train_steps, args.warmup_steps, decay="linear")
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
-    accelerator.register_for_checkpointing(scheduler)
     if len(train_loader) == 0:
         raise ValueError("the training split is smaller than one global batch")
+    settings = trajectory_settings(
+        args, RUN_ONLY_ARGUMENTS, num_processes=accelerator.num_processes,
+        mixed_precision=precision_in_effect(accelerator), schedule=asdict(schedule),
+        model=config_settings(accelerator.unwrap_model(model).config),
+    )
 
-    state: dict[str, Any] = {"global_step": 0, "best": {}, "history": []}
-    if accelerator.is_main_process:
-        remove_stale_temporaries(checkpoint_root)
-    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, checkpoint_root)
+    state: dict[str, Any] = {"global_step": 0, "best": {}, "history": [], "skipped_images": 0,
+                             "settings_changes": []}
+    checkpoint, saved = find_resume_checkpoint(args.resume_from_checkpoint, output_dir, accelerator,
+                                               args.overwrite_output_dir)
     if checkpoint is not None:
+        changes = check_settings(checkpoint, saved, settings, args.allow_changed_settings)
         accelerator.load_state(str(checkpoint))
-        state.update(read_trainer_state(checkpoint))
+        state.update({k: v for k, v in saved.items() if k in state})
+        if changes:
+            state["settings_changes"].append({"step": state["global_step"], "changes": changes})
+    state["settings"] = settings
+    schedule.apply(optimizer, state["global_step"])
+    pending_skipped = torch.zeros((), dtype=torch.long, device=accelerator.device)
+
+    def count_skipped() -> None:
+        nonlocal pending_skipped
+        state["skipped_images"] += int(accelerator.reduce(pending_skipped, reduction="sum").item())
+        pending_skipped = torch.zeros_like(pending_skipped)
+
     unwrapped = accelerator.unwrap_model(model)
     progress = tqdm(total=args.max_train_steps, initial=state["global_step"], desc="segmentation",
                     disable=not accelerator.is_local_main_process)
@@ -300,9 +392,10 @@ def train_segmentation(args: SegmentationArguments) -> dict[str, Any]:
                 raise RuntimeError(f"non-finite loss {loss.item()} at step {state['global_step']}")
             accelerator.backward(loss)
             optimizer.step()
-            scheduler.step()
             optimizer.zero_grad()
+            pending_skipped += batch["skipped"]
             state["global_step"] += 1
+            schedule.apply(optimizer, state["global_step"])
             step = state["global_step"]
             progress.update(1)
             if step % args.logging_steps == 0:
@@ -313,22 +406,28 @@ def train_segmentation(args: SegmentationArguments) -> dict[str, Any]:
                 logger.info("step %d: %s", step, metrics)
                 if not state["best"] or metrics["mean_iou"] > state["best"]["mean_iou"]:
                     state["best"] = {"step": step, **metrics}
-                    unwrapped.save_pretrained(output_dir, is_main_process=accelerator.is_main_process,
-                                              save_function=accelerator.save)
-                    if accelerator.is_main_process:
-                        segmentation_image_processor(args.crop_size, mean, std, args.reduce_labels).save_pretrained(
-                            output_dir
-                        )
+                    with write_faults(output_dir, "the best model"):
+                        unwrapped.save_pretrained(output_dir, is_main_process=accelerator.is_main_process,
+                                                  save_function=accelerator.save)
+                        if accelerator.is_main_process:
+                            segmentation_image_processor(args.crop_size, mean, std,
+                                                         args.reduce_labels).save_pretrained(output_dir)
                 model.train()
             if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
+                count_skipped()
                 save_checkpoint(accelerator, checkpoint_root, step, state, keep=args.checkpoints_total_limit)
             if step >= args.max_train_steps:
                 break
         epoch += 1
     progress.close()
+    count_skipped()
     results = {"global_step": state["global_step"], "best": state["best"], "history": state["history"],
-               "arguments": asdict(args)}
+               "skipped_images": state["skipped_images"], "unlisted_entries": len(unlisted),
+               "settings_changes": state["settings_changes"], "arguments": asdict(args)}
     if accelerator.is_main_process:
-        (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        if state["skipped_images"]:
+            logger.warning("skipped %d unreadable training pairs", state["skipped_images"])
+        with write_faults(output_dir, "the results"):
+            (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     accelerator.wait_for_everyone()
     return results

@@ -13,6 +13,8 @@ from typing import Any
 
 from accelerate.tracking import GeneralTracker, on_main_process
 
+from .disk_faults import write_faults
+
 __all__ = ["JSONLinesTracker", "read_metrics"]
 
 
@@ -56,7 +58,7 @@ class JSONLinesTracker(GeneralTracker):
 
     @on_main_process
     def log(self, values: dict, step: int | None = None, **kwargs: Any) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
+        with write_faults(self.path, "the metrics log"), open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, **_plain(values)}) + "\n")
 
 
