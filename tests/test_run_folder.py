@@ -163,7 +163,7 @@ def test_overwrite_output_dir_starts_over_and_foreign_checkpoints_are_refused(pr
                                                                               caplog):
     output, other = tmp_path / "run", tmp_path / "other"
     assert run_in_process("run_pretrain.py", pretrain_args(pretrain_ws, output)) == 0
-    assert run_in_process("run_pretrain.py", pretrain_args(pretrain_ws, other, "--seed", "3")) == 0
+    assert run_in_process("run_pretrain.py", pretrain_args(pretrain_ws, other, "--seed", "3", steps=2)) == 0
     capsys.readouterr()
     # a checkpoint of another folder cannot continue where checkpoints of a different run are
     foreign = ["--resume_from_checkpoint", str(other / "checkpoints" / "checkpoint-2")]
@@ -172,10 +172,11 @@ def test_overwrite_output_dir_starts_over_and_foreign_checkpoints_are_refused(pr
     assert "holds checkpoints of another run" in line
     with caplog.at_level("WARNING"):
         assert run_in_process("run_pretrain.py", pretrain_args(pretrain_ws, output, "--seed", "3",
-                                                              "--overwrite_output_dir")) == 0
+                                                              "--overwrite_output_dir", steps=2)) == 0
     assert "--overwrite_output_dir: deleting" in caplog.text
-    assert read_trainer_state(output / "checkpoints" / "checkpoint-4")["settings"]["seed"] == 3
-    assert [r["step"] for r in read_metrics(output / "logs" / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert [p.name for p in (output / "checkpoints").iterdir()] == ["checkpoint-2"]  # the old run's are gone
+    assert read_trainer_state(output / "checkpoints" / "checkpoint-2")["settings"]["seed"] == 3
+    assert [r["step"] for r in read_metrics(output / "logs" / "metrics.jsonl")] == [1, 2]
 
 
 def test_describe_changes():

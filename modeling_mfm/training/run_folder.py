@@ -143,6 +143,8 @@ def claim_output_dir(output_dir: str | os.PathLike, accelerator: Any) -> OutputF
             lock.acquire()
         except RunFolderError as error:
             refusal = error
+        except OSError as error:  # an output folder that cannot be created or written: stop every process too
+            refusal = RunFolderError(f"cannot lock {lock.path}: {error}")
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast
 
