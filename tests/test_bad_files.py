@@ -135,6 +135,18 @@ def test_finetuning_skips_and_counts_bad_training_and_validation_images(tmp_path
     assert "| folder entries that could not be listed | 2 |" in card
 
 
+def test_an_unreadable_image_in_the_automatic_validation_split_is_left_out(tmp_path):
+    workspace = finetune_workspace(tmp_path)
+    for path in (workspace["folders"] / "train" / "red").iterdir():  # a class of unreadable images only: the
+        path.write_bytes(b"not an image")  # stratified validation split must hold some
+    args = finetune_args(workspace, tmp_path / "run", "--validation_split_percentage", "25")
+    position = args.index("--validation_dir")
+    del args[position:position + 2]
+    assert run_in_process("run_finetune.py", args) == 0
+    evaluation = json.loads((tmp_path / "run" / "all_results.json").read_text())["history"][0]
+    assert (evaluation["num_samples"], evaluation["num_unreadable"]) == (2, 1)
+
+
 def test_linear_probe_leaves_out_unreadable_images(tmp_path):
     folders = make_class_folders(tmp_path / "data", {"train": 3, "validation": 2})
     (folders / "validation" / "red" / "broken.jpg").write_bytes(b"not an image")

@@ -4,6 +4,7 @@ run's settings stops unless told (then the changes are recorded)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -26,7 +27,7 @@ from reliability_fixtures import (
 from test_run_pretrain import free_port
 
 from modeling_mfm.training.checkpointing import read_trainer_state
-from modeling_mfm.training.run_folder import OutputFolderLock, RunFolderError, describe_changes
+from modeling_mfm.training.run_folder import OutputFolderLock, RunFolderError, describe_changes, trajectory_settings
 from modeling_mfm.training.trackers import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -163,7 +164,7 @@ def test_overwrite_output_dir_starts_over_and_foreign_checkpoints_are_refused(pr
                                                                               caplog):
     output, other = tmp_path / "run", tmp_path / "other"
     assert run_in_process("run_pretrain.py", pretrain_args(pretrain_ws, output)) == 0
-    assert run_in_process("run_pretrain.py", pretrain_args(pretrain_ws, other, "--seed", "3")) == 0
+    assert run_in_process("run_pretrain.py", pretrain_args(pretrain_ws, other, "--seed", "3", steps=2)) == 0
     capsys.readouterr()
     # a checkpoint of another folder cannot continue where checkpoints of a different run are
     foreign = ["--resume_from_checkpoint", str(other / "checkpoints" / "checkpoint-2")]
@@ -172,10 +173,27 @@ def test_overwrite_output_dir_starts_over_and_foreign_checkpoints_are_refused(pr
     assert "holds checkpoints of another run" in line
     with caplog.at_level("WARNING"):
         assert run_in_process("run_pretrain.py", pretrain_args(pretrain_ws, output, "--seed", "3",
-                                                              "--overwrite_output_dir")) == 0
+                                                              "--overwrite_output_dir", steps=2)) == 0
     assert "--overwrite_output_dir: deleting" in caplog.text
-    assert read_trainer_state(output / "checkpoints" / "checkpoint-4")["settings"]["seed"] == 3
-    assert [r["step"] for r in read_metrics(output / "logs" / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert [p.name for p in (output / "checkpoints").iterdir()] == ["checkpoint-2"]  # the old run's are gone
+    assert read_trainer_state(output / "checkpoints" / "checkpoint-2")["settings"]["seed"] == 3
+    assert [r["step"] for r in read_metrics(output / "logs" / "metrics.jsonl")] == [1, 2]
+
+
+def test_trajectory_settings_keep_no_token_and_compare_local_paths_absolutely(tmp_path, monkeypatch):
+    @dataclasses.dataclass
+    class Arguments:
+        train_dir: str = "data"
+        train_split: str = "data"  # not a path, even where a folder of that name exists
+        hub_token: str = "secret"
+        logging_steps: int = 10
+        seed: int = 0
+
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    settings = trajectory_settings(Arguments(), {"logging_steps"}, model={"backbone": {"depth": 2}}, lr=(1, 2))
+    assert settings == {"train_dir": str(tmp_path / "data"), "train_split": "data", "seed": 0,
+                        "model.backbone.depth": 2, "lr": [1, 2]}
 
 
 def test_describe_changes():

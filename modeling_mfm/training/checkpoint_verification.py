@@ -140,9 +140,10 @@ def verify_checkpoint(folder: str | os.PathLike, num_processes: int = 1) -> None
             )
         _check_file(entry)
     names = {entry.name for entry in entries}
-    required = [TRAINER_STATE_NAME, "optimizer.bin", *(f"{RNG_STATE_PREFIX}{i}.pkl" for i in range(num_processes))]
-    if "pytorch_model.bin" not in names:
-        required.append("model.safetensors")
-    for name in required:
+    for name in (TRAINER_STATE_NAME, *(f"{RNG_STATE_PREFIX}{i}.pkl" for i in range(num_processes))):
         if name not in names:
             raise CheckpointVerificationError(f"{folder / name} is missing: the checkpoint is incomplete")
+    # the model and optimizer files are named by how they were saved (safetensors, FSDP full or per-rank states)
+    for what, prefixes in (("model weights", ("model", "pytorch_model")), ("optimizer state", ("optimizer",))):
+        if not any(name.startswith(prefixes) for name in names):
+            raise CheckpointVerificationError(f"{folder} has no {what}: the checkpoint is incomplete")

@@ -11,8 +11,8 @@ least. CNN encoders (ResNet, ConvNeXt) are treated the same way with *stages* in
 Weight decay follows `optim.uses_weight_decay`: none on biases, 1-D parameters (norms, layer scales), the position
 embeddings and the CLS token.
 
-The groups carry ``lr_scale``; ``lr`` is set to ``base_lr * lr_scale`` so that a ``LambdaLR`` (which multiplies each
-group's initial lr by one schedule factor) keeps the per-layer ratios throughout warmup and cosine decay.
+The groups carry ``lr_scale``, which `schedules.LearningRateSchedule` multiplies into the scheduled lr at every step
+(``lr`` starts at ``base_lr * lr_scale``), so the per-layer ratios hold throughout warmup and decay.
 """
 
 from __future__ import annotations

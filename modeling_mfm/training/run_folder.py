@@ -143,6 +143,8 @@ def claim_output_dir(output_dir: str | os.PathLike, accelerator: Any) -> OutputF
             lock.acquire()
         except RunFolderError as error:
             refusal = error
+        except OSError as error:  # an output folder that cannot be created or written: stop every process too
+            refusal = RunFolderError(f"cannot lock {lock.path}: {error}")
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast
 
@@ -226,8 +228,13 @@ def config_settings(config: Any) -> dict[str, Any]:
     return clean(config.to_dict())
 
 
-def _normalised_path(value: Any) -> Any:
-    if isinstance(value, str) and value and os.path.exists(value):
+_PATH_SUFFIXES = ("_dir", "_file", "_path", "model_name_or_path")
+
+
+def _normalised(name: str, value: Any) -> Any:
+    """A local path argument (``train_dir``, ``config_file``, ``model_name_or_path``...) made absolute, so that
+    a resume from another working directory compares the same folder."""
+    if name.endswith(_PATH_SUFFIXES) and isinstance(value, str) and value and os.path.exists(value):
         return os.path.abspath(value)
     return value
 
@@ -236,7 +243,7 @@ def trajectory_settings(arguments: Any, ignore: Collection[str], **extra: Any) -
     """The settings that determine a run's trajectory: the fields of the ``arguments`` dataclass except ``ignore``
     (logging cadence, worker counts, paths of outputs...) and credentials, plus ``extra`` (derived values, the model configuration
     as a dict...). Nested dicts are flattened into dotted names; local paths are made absolute."""
-    values = {k: _normalised_path(v) for k, v in dataclasses.asdict(arguments).items()
+    values = {k: _normalised(k, v) for k, v in dataclasses.asdict(arguments).items()
               if k not in ignore and not k.endswith("token")}  # credentials never reach a trainer state
     values.update(extra)
     return _plain(_flatten(values))
