@@ -30,6 +30,8 @@ from datasets.distributed import split_dataset_by_node
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, Sampler
 
+from .data_files import absolute_image_paths, load_data_files
+from .holdout import held_out_size, split_off_validation
 from .transforms import PretrainTransform, to_rgb
 
 logger = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ __all__ = [
     "StreamingPretrainingDataset",
     "collate_pixel_batches",
     "find_image_column",
+    "find_label_column",
     "load_image_dataset",
     "open_image",
     "sample_photo_paths",
@@ -53,7 +56,9 @@ __all__ = [
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 )
-IMAGE_COLUMN_CANDIDATES = ("image", "img", "images", "picture", "photo", "jpg", "jpeg", "png")
+IMAGE_COLUMN_CANDIDATES = ("image", "img", "images", "picture", "photo", "jpg", "jpeg", "png", "file_name",
+                           "image_path", "path")
+LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "class", "target", "category")
 
 # Photographs that ship inside the scikit-image wheel (no download): colour photos first, then greyscale ones
 # (which also exercise the greyscale -> RGB conversion).
@@ -326,6 +331,35 @@ def find_image_column(features: datasets.Features | None, requested: str | None 
     raise ValueError(f"no image column found among {columns}; pass --image_column_name")
 
 
+def find_label_column(features: datasets.Features, requested: str | None = None) -> str:
+    """``requested`` if given (it must exist and hold class labels, integers or strings), else the first
+    ``ClassLabel`` column, else a column with a usual name (label, labels, fine_label, ...)."""
+    columns = list(features)
+
+    def usable(feature: Any) -> bool:
+        return isinstance(feature, datasets.ClassLabel) or (
+            isinstance(feature, datasets.Value)
+            and (feature.dtype.startswith("int") or feature.dtype in ("string", "large_string"))
+        )
+
+    if requested is not None:
+        if requested not in features:
+            raise ValueError(f"label_column_name {requested!r} is not a column of the dataset; columns: {columns}")
+        if not usable(features[requested]):
+            raise ValueError(
+                f"label_column_name {requested!r} holds {features[requested]!r}, not class labels (ClassLabel, "
+                f"integers or strings); columns: {columns}"
+            )
+        return requested
+    for name, feature in features.items():
+        if isinstance(feature, datasets.ClassLabel):
+            return name
+    for name in LABEL_COLUMN_CANDIDATES:
+        if name in features and usable(features[name]):
+            return name
+    raise ValueError(f"no label column found among {columns}; pass --label_column_name")
+
+
 def _is_within(path: str, folder: str) -> bool:
     path, folder = os.path.realpath(path), os.path.realpath(folder)
     return os.path.commonpath([path, folder]) == folder
@@ -348,11 +382,24 @@ def load_image_dataset(
     cache_dir: str | None = None,
     revision: str | None = None,
     token: str | bool | None = None,
+    train_file: str | None = None,
+    validation_split_size: int | None = None,
+    validation_split_percentage: float | None = None,
+    validation_split_seed: int = 0,
+    label_column_name: str | None = None,
 ) -> tuple[datasets.Dataset | datasets.IterableDataset, str]:
-    """Loads a Hub dataset (``dataset_name``, ``dataset_config_name``, ``split``) or an image folder
-    (``train_dir``), keeps only the image column and turns off decoding. Returns ``(dataset, column)``."""
-    if (dataset_name is None) == (train_dir is None):
-        raise ValueError("give exactly one of dataset_name and train_dir")
+    """Loads a Hub dataset (``dataset_name``, ``dataset_config_name``, ``split``), an image folder (``train_dir``)
+    or local data files (``train_file``: parquet, arrow, CSV, JSON lines; see `data_files`), keeps only the image
+    column and turns off decoding. Returns ``(dataset, column)``.
+
+    With ``validation_split_size`` or ``validation_split_percentage``, the held-out validation slice that
+    fine-tuning draws from the same rows with the same seed (`holdout`, stratified by the label column) is left out.
+    """
+    if sum(source is not None for source in (dataset_name, train_dir, train_file)) != 1:
+        raise ValueError("give exactly one of dataset_name, train_dir and train_file")
+    holding_out = validation_split_size is not None or validation_split_percentage is not None
+    if holding_out and streaming:
+        raise ValueError("a validation slice cannot be left out of a stream; drop --streaming")
     if train_dir is not None:
         if not os.path.isdir(train_dir):
             raise ValueError(f"train_dir {train_dir!r} is not a directory")
@@ -368,6 +415,11 @@ def load_image_dataset(
         dataset = datasets.load_dataset(
             "imagefolder", data_dir=train_dir, split=split, streaming=streaming, cache_dir=cache_dir
         )
+    elif train_file is not None:
+        if streaming:
+            raise ValueError("--streaming reads Hub datasets; local files are read directly")
+        splits, files = load_data_files(train_file, cache_dir=cache_dir)
+        dataset = splits["train"]
     else:
         dataset = datasets.load_dataset(
             dataset_name,
@@ -383,6 +435,12 @@ def load_image_dataset(
         dataset = dataset._resolve_features()
         features = dataset.features
     column = find_image_column(features, image_column_name)
+    if train_file is not None:
+        dataset = absolute_image_paths(dataset, column, files["train"])
+    if holding_out:
+        label_column = find_label_column(features, label_column_name)
+        size = held_out_size(len(dataset), validation_split_size, validation_split_percentage)
+        dataset, _ = split_off_validation(dataset, label_column, size, validation_split_seed)
     dataset = dataset.select_columns([column])
     if isinstance(features[column], datasets.Image):
         dataset = dataset.cast_column(column, datasets.Image(decode=False))
