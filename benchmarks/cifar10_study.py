@@ -13,6 +13,7 @@ last checkpoint when run again. After each stage the table is rewritten (``study
 
     python benchmarks/cifar10_study.py --train_file 'data/cifar10/*.parquet' --output_dir cifar10-study
     python benchmarks/cifar10_study.py --train_file ... --output_dir cifar10-study --stage pretrain-mfm
+    python benchmarks/cifar10_study.py --train_file ... --output_dir cifar10-study --max_minutes 9   # exit 3: rerun
     python benchmarks/cifar10_study.py --train_file ... --output_dir ... --pretexts mfm sr deblur denoise  # + (d)
     python benchmarks/cifar10_study.py --smoke --output_dir /tmp/cifar10-smoke     # the whole pipeline, CPU, ~1 min
 """
@@ -26,6 +27,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -38,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 PRETEXTS = ("mfm", "sr", "deblur", "denoise")
 PRETEXT_NAMES = {"mfm": "MFM", "sr": "SR", "deblur": "Deblur", "denoise": "Denoise", "scratch": "none (random init)"}
 OFFICIAL_RADIUS_RATIO = 16 / 224  # official mask radius / image size
+MIN_STAGE_SECONDS = 30  # with --max_minutes, no stage after the first starts with less time left
 SMOKE_CLASSES, SMOKE_PER_CLASS = 10, 16
 
 
@@ -96,6 +99,11 @@ class StudyError(Exception):
     """A problem with the study's arguments or output folder (one line, exit code 2)."""
 
 
+class TimeLimitReached(Exception):
+    """``--max_minutes`` ran out; the stage stopped (at worst losing the work since its last checkpoint) and the
+    same command continues it (exit code 3)."""
+
+
 # ---------------------------------------------------------------------------------------------------- stages
 def stage_names(pretexts: list[str]) -> list[str]:
     """All stages in run order: the main comparison first, then the other pretexts, then the throughput check."""
@@ -112,6 +120,8 @@ class Study:
         self.root = Path(args.output_dir)
         self.cuda = _cuda_available()
         self.mixed_precision = args.mixed_precision or ("bf16" if self.cuda else "no")
+        self.deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else None
+        self.started = False  # the first stage to run always starts
 
     # ---- shared flags
     def data_flags(self) -> list[str]:
@@ -159,6 +169,9 @@ class Study:
         if (folder / "stage.json").is_file():
             print(f"[{name}] done already ({folder / 'stage.json'})", flush=True)
             return
+        if self.started and self.deadline is not None and self.deadline - time.monotonic() < MIN_STAGE_SECONDS:
+            raise TimeLimitReached(f"--max_minutes leaves too little time to start stage {name}")
+        self.started = True
         for needed in self.requirements(name):
             if not (self.root / needed / "stage.json").is_file():
                 raise StudyError(f"stage {name} needs stage {needed} first")
@@ -210,10 +223,24 @@ class Study:
         log.parent.mkdir(parents=True, exist_ok=True)
         script = [sys.executable, str(REPO / "run_scripts" / command[0]), *command[1:]]
         with open(log, "a", encoding="utf-8") as output:
-            result = subprocess.run(script, env=env, stdout=output, stderr=subprocess.STDOUT, check=False)
-        if result.returncode != 0:
+            process = subprocess.Popen(script, env=env, stdout=output, stderr=subprocess.STDOUT)
+            try:
+                remaining = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+                returncode = process.wait(timeout=remaining)
+            except subprocess.TimeoutExpired:
+                message = f"--max_minutes reached in stage {name}; the same command continues it"
+                raise TimeLimitReached(message) from None
+            finally:  # a time limit, Ctrl-C or SIGTERM: stop the script too, never leave it running on the GPU
+                if process.poll() is None:
+                    process.terminate()
+                    try:
+                        process.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        process.kill()
+                        process.wait()
+        if returncode != 0:
             tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-25:]
-            raise RuntimeError(f"stage {name} failed (exit {result.returncode}); end of {log}:\n" + "\n".join(tail))
+            raise RuntimeError(f"stage {name} failed (exit {returncode}); end of {log}:\n" + "\n".join(tail))
 
     # ---- results
     def collect(self, name: str, folder: Path) -> dict[str, Any]:
@@ -412,6 +439,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pretrain_epochs", type=float, help="override the plan's pre-training epochs")
     parser.add_argument("--finetune_epochs", type=int, help="override the plan's fine-tuning epochs")
     parser.add_argument("--mask_radius", type=float, help="override the plan's mask radius (default 16 / 224 x 32)")
+    parser.add_argument("--max_minutes", type=float,
+                        help="stop (exit code 3) after this many minutes, stopping the running stage; the same command "
+                             "continues from the stage's last checkpoint")
     parser.add_argument("--list_stages", action="store_true", help="print the stages in run order and exit")
     args = parser.parse_args(argv)
     if "mfm" not in args.pretexts:
@@ -425,6 +455,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)  # unwind, so that the running stage's script is stopped too
     names = stage_names(args.pretexts)
     if args.list_stages:
         print("\n".join(names + ["report"]))
@@ -452,10 +483,17 @@ def main(argv: list[str] | None = None) -> int:
     except StudyError as error:
         print(f"cifar10_study.py: error: {error}", file=sys.stderr)
         return 2
+    except TimeLimitReached as error:
+        print(f"cifar10_study.py: stopped: {error}", file=sys.stderr)
+        return 3
     print((root / "study.md").read_text(encoding="utf-8"))
     if summary["verdict"]:
         print("targets:", json.dumps(summary["verdict"]))
     return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def check_plan(root: Path, plan: dict[str, Any]) -> None:
