@@ -94,9 +94,33 @@ class PretrainingArguments:
     dataset_name: str | None = field(default=None, metadata={"help": "A Hub dataset id (datasets.load_dataset)."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset configuration."})
     train_dir: str | None = field(default=None, metadata={"help": "A folder of images (imagefolder layout)."})
+    train_file: str | None = field(
+        default=None,
+        metadata={"help": "Local data file or quoted glob pattern: parquet, arrow, CSV or JSON lines (images as an "
+                          "Image column, bytes or paths; paths relative to the file's folder)."},
+    )
     train_split: str = field(default="train", metadata={"help": "The split to train on."})
     image_column_name: str | None = field(
         default=None, metadata={"help": "The image column; detected (first Image feature) when not given."}
+    )
+    validation_split_size: int | None = field(
+        default=None,
+        metadata={"help": "Leave out the validation slice that fine-tuning holds out of the same data: this many rows, "
+                          "stratified by label, drawn with --validation_split_seed (same rows as run_finetune.py)."},
+    )
+    validation_split_percentage: float | None = field(
+        default=None, metadata={"help": "As --validation_split_size, as a percentage of the rows."}
+    )
+    validation_split_seed: int | None = field(
+        default=None, metadata={"help": "Seed of the left-out slice (default: --seed)."}
+    )
+    label_column_name: str | None = field(
+        default=None, metadata={"help": "Label column for the left-out slice's stratification (default: detected)."}
+    )
+    dataset_on_device: bool = field(
+        default=False,
+        metadata={"help": "Small images: decode the dataset once into a uint8 tensor on the training device and crop, "
+                          "resize and flip batches there (see modeling_mfm.training.device_dataset)."},
     )
     streaming: bool = field(
         default=False,
@@ -289,7 +313,7 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[PretrainingArguments
 
 def is_demo_run(args: PretrainingArguments) -> bool:
     """True when no data source is given: the script then runs the embedded demo."""
-    return args.dataset_name is None and args.train_dir is None
+    return args.dataset_name is None and args.train_dir is None and args.train_file is None
 
 
 def resolve_defaults(args: PretrainingArguments) -> PretrainingArguments:

@@ -1,9 +1,11 @@
 """Labelled image datasets and the fine-tuning / evaluation transforms of the official recipe.
 
-Sources: a Hub dataset id (``datasets.load_dataset``), or image folders (``<train_dir>/<class>/**`` and optionally
+Sources: a Hub dataset id (``datasets.load_dataset``), image folders (``<train_dir>/<class>/**`` and optionally
 ``<validation_dir>/<class>/**``, listed by `image_folders`: class names are the sorted folder names, entries that
-cannot be listed are counted). When there is no validation split, a stratified ``validation_split_percentage`` of
-the training rows is held out.
+cannot be listed are counted), or local data files (``train_file`` and optionally ``validation_file``: parquet,
+arrow, CSV or JSON lines, see `data_files`). When there is no validation split, a stratified slice of the training
+rows is held out (``validation_split_size`` rows, else ``validation_split_percentage`` %, drawn with
+``validation_split_seed``; see `holdout`: pre-training on the same rows can leave out exactly this slice).
 
 Transforms (torchvision ``transforms.v2`` on PIL images):
 
@@ -45,7 +47,9 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-from .data import find_image_column, open_image
+from .data import find_image_column, find_label_column, open_image
+from .data_files import absolute_image_paths, load_data_files
+from .holdout import held_out_size, split_off_validation
 from .image_folders import folder_dataset, list_image_folder
 from .randomness import derive_seed
 from .transforms import to_rgb
@@ -75,12 +79,28 @@ class ClassificationDataArguments:
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
     train_dir: str | None = field(default=None, metadata={"help": "Image folder <train_dir>/<class>/*."})
     validation_dir: str | None = field(default=None, metadata={"help": "Image folder <validation_dir>/<class>/*."})
+    train_file: str | None = field(
+        default=None,
+        metadata={"help": "Local data file or quoted glob pattern: parquet, arrow, CSV or JSON lines (images as an "
+                          "Image column, bytes or paths; paths relative to the file's folder)."},
+    )
+    validation_file: str | None = field(
+        default=None, metadata={"help": "Local validation file(s) of the same type as --train_file."}
+    )
     train_split_name: str = field(default="train", metadata={"help": "Training split of a Hub dataset."})
     validation_split_name: str | None = field(
         default=None, metadata={"help": "Validation split (default: validation / val / valid / test if present)."}
     )
     validation_split_percentage: float = field(
         default=10.0, metadata={"help": "Percentage of train held out when there is no validation split."}
+    )
+    validation_split_size: int | None = field(
+        default=None,
+        metadata={"help": "Rows of train held out when there is no validation split (instead of the percentage); "
+                          "stratified by label."},
+    )
+    validation_split_seed: int | None = field(
+        default=None, metadata={"help": "Seed of the held-out slice (default: --seed)."}
     )
     image_column_name: str | None = field(default=None, metadata={"help": "Image column (default: detected)."})
     label_column_name: str | None = field(default=None, metadata={"help": "Label column (default: detected)."})
@@ -89,20 +109,30 @@ class ClassificationDataArguments:
     cache_dir: str | None = field(default=None, metadata={"help": "datasets / transformers cache folder."})
     num_workers: int = field(default=4, metadata={"help": "DataLoader worker processes."})
 
+    def check_data_source(self) -> None:
+        """Exactly one source: a Hub dataset, an image folder or local files."""
+        given = [f"--{name}" for name in ("dataset_name", "train_dir", "train_file") if getattr(self, name)]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of --dataset_name, --train_dir and --train_file (got {given or 'none'})"
+            )
+
     def load_datasets(self, seed: int) -> ClassificationData:
-        """The training and validation data these arguments name (`load_classification_dataset`); ``seed`` draws
-        the held-out split when there is no validation split."""
+        """The training and validation data these arguments name (`load_classification_dataset`); the held-out
+        slice, when there is no validation split, is drawn with ``validation_split_seed`` (default ``seed``)."""
         return load_classification_dataset(
             dataset_name=self.dataset_name, dataset_config_name=self.dataset_config_name, train_dir=self.train_dir,
             validation_dir=self.validation_dir, train_split_name=self.train_split_name,
             validation_split_name=self.validation_split_name,
             validation_split_percentage=self.validation_split_percentage, image_column_name=self.image_column_name,
-            label_column_name=self.label_column_name, seed=seed, cache_dir=self.cache_dir,
+            label_column_name=self.label_column_name,
+            seed=seed if self.validation_split_seed is None else self.validation_split_seed, cache_dir=self.cache_dir,
+            train_file=self.train_file, validation_file=self.validation_file,
+            validation_split_size=self.validation_split_size,
         )
 
 
 DEFAULT_AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"
-LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "class", "target", "category")
 VALIDATION_SPLIT_NAMES = ("validation", "val", "valid", "test")
 MAX_CONSECUTIVE_FAILURES = 64
 
@@ -220,34 +250,6 @@ class ClassificationData:
         return {name: i for i, name in enumerate(self.labels)}
 
 
-def find_label_column(features: datasets.Features, requested: str | None = None) -> str:
-    """``requested`` if given (it must exist and hold class labels, integers or strings), else the first
-    ``ClassLabel`` column, else a column with a usual name (label, labels, fine_label, ...)."""
-    columns = list(features)
-
-    def usable(feature: Any) -> bool:
-        return isinstance(feature, datasets.ClassLabel) or (
-            isinstance(feature, datasets.Value) and (feature.dtype.startswith("int") or feature.dtype == "string")
-        )
-
-    if requested is not None:
-        if requested not in features:
-            raise ValueError(f"label_column_name {requested!r} is not a column of the dataset; columns: {columns}")
-        if not usable(features[requested]):
-            raise ValueError(
-                f"label_column_name {requested!r} holds {features[requested]!r}, not class labels (ClassLabel, "
-                f"integers or strings); columns: {columns}"
-            )
-        return requested
-    for name, feature in features.items():
-        if isinstance(feature, datasets.ClassLabel):
-            return name
-    for name in LABEL_COLUMN_CANDIDATES:
-        if name in features and usable(features[name]):
-            return name
-    raise ValueError(f"no label column found among {columns}; pass --label_column_name")
-
-
 def _list_folder(name: str, path: str) -> Any:
     try:
         listing = list_image_folder(path, by_class=True)
@@ -271,21 +273,33 @@ def load_classification_dataset(
     cache_dir: str | None = None,
     revision: str | None = None,
     token: str | bool | None = None,
+    train_file: str | None = None,
+    validation_file: str | None = None,
+    validation_split_size: int | None = None,
 ) -> ClassificationData:
-    """Loads a labelled dataset from the Hub or from image folders (see the module docstring).
+    """Loads a labelled dataset from the Hub, image folders or local data files (see the module docstring).
 
-    The validation split is, in order: ``validation_split_name`` if given; the folder ``validation_dir``; the
-    first of validation / val / valid / test that the dataset has; else a stratified
-    ``validation_split_percentage`` % of the training rows (drawn with ``seed``).
+    The validation split is, in order: ``validation_split_name`` if given; the folder ``validation_dir`` or the
+    files ``validation_file``; the first of validation / val / valid / test that the dataset has; else a stratified
+    slice of the training rows: ``validation_split_size`` rows, or ``validation_split_percentage`` % (drawn with
+    ``seed``, `holdout.stratified_holdout`).
     """
-    if (dataset_name is None) == (train_dir is None):
-        raise ValueError("give exactly one of dataset_name and train_dir")
+    if sum(source is not None for source in (dataset_name, train_dir, train_file)) != 1:
+        raise ValueError("give exactly one of dataset_name, train_dir and train_file")
     if validation_dir is not None and train_dir is None:
         raise ValueError("validation_dir needs train_dir (for a Hub dataset use validation_split_name)")
+    if validation_file is not None and train_file is None:
+        raise ValueError("validation_file needs train_file")
     if not 0.0 < validation_split_percentage < 100.0:
         raise ValueError(f"validation_split_percentage must be in (0, 100), got {validation_split_percentage}")
+    if validation_split_size is not None and validation_split_size < 1:
+        raise ValueError(f"validation_split_size must be >= 1, got {validation_split_size}")
+    files: dict[str, list[str]] = {}
     unlisted: list[str] = []
-    if train_dir is not None:
+    if train_file is not None:
+        splits, files = load_data_files(train_file, validation_file, cache_dir=cache_dir)
+        train_split_name = "train"
+    elif train_dir is not None:
         listings = {"train": _list_folder("train_dir", train_dir)}
         if validation_dir is not None:
             listings["validation"] = _list_folder("validation_dir", validation_dir)
@@ -302,6 +316,9 @@ def load_classification_dataset(
     train = splits[train_split_name]
     image_column = find_image_column(train.features, image_column_name)
     label_column = find_label_column(train.features, label_column_name)
+    if files:  # CSV / JSON lines: image paths relative to the listing file's folder
+        splits = {name: absolute_image_paths(split, image_column, files[name]) for name, split in splits.items()}
+        train = splits["train"]
 
     if validation_split_name is not None:
         if validation_split_name not in splits:
@@ -313,7 +330,8 @@ def load_classification_dataset(
 
     train, validation, labels = _encode_labels(train, validation, label_column)
     if validation is None:
-        train, validation = _hold_out(train, label_column, validation_split_percentage / 100.0, seed)
+        size = held_out_size(len(train), validation_split_size, validation_split_percentage)
+        train, validation = split_off_validation(train, label_column, size, seed)
     for name, split in (("train", train), ("validation", validation)):
         if len(split) == 0:
             raise ValueError(f"the {name} split has no rows")
@@ -357,17 +375,6 @@ def _encode_labels(
         return split.cast_column(column, class_label)
 
     return cast(train), (cast(validation) if validation is not None else None), names
-
-
-def _hold_out(
-    train: datasets.Dataset, column: str, fraction: float, seed: int
-) -> tuple[datasets.Dataset, datasets.Dataset]:
-    try:
-        parts = train.train_test_split(test_size=fraction, seed=seed, stratify_by_column=column)
-    except ValueError as error:  # a class with a single row cannot be stratified
-        logger.warning("stratified validation split impossible (%s); splitting at random", error)
-        parts = train.train_test_split(test_size=fraction, seed=seed)
-    return parts["train"], parts["test"]
 
 
 class ClassificationDataset(Dataset):

@@ -35,6 +35,8 @@ from datasets.distributed import split_dataset_by_node
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, Sampler
 
+from .data_files import absolute_image_paths, load_data_files
+from .holdout import held_out_size, split_off_validation
 from .image_folders import IMAGE_EXTENSIONS, folder_dataset, list_image_folder, local_path
 from .transforms import PretrainTransform, to_rgb
 
@@ -50,13 +52,16 @@ __all__ = [
     "StreamingPretrainingDataset",
     "collate_pixel_batches",
     "find_image_column",
+    "find_label_column",
     "load_image_dataset",
     "open_image",
     "sample_photo_paths",
     "sample_photo_source",
 ]
 
-IMAGE_COLUMN_CANDIDATES = ("image", "img", "images", "picture", "photo", "jpg", "jpeg", "png")
+IMAGE_COLUMN_CANDIDATES = ("image", "img", "images", "picture", "photo", "jpg", "jpeg", "png", "file_name",
+                           "image_path", "path")
+LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "class", "target", "category")
 
 # Photographs that ship inside the scikit-image wheel (no download): colour photos first, then greyscale ones
 # (which also exercise the greyscale -> RGB conversion).
@@ -339,6 +344,35 @@ def find_image_column(features: datasets.Features | None, requested: str | None 
     raise ValueError(f"no image column found among {columns}; pass --image_column_name")
 
 
+def find_label_column(features: datasets.Features, requested: str | None = None) -> str:
+    """``requested`` if given (it must exist and hold class labels, integers or strings), else the first
+    ``ClassLabel`` column, else a column with a usual name (label, labels, fine_label, ...)."""
+    columns = list(features)
+
+    def usable(feature: Any) -> bool:
+        return isinstance(feature, datasets.ClassLabel) or (
+            isinstance(feature, datasets.Value)
+            and (feature.dtype.startswith("int") or feature.dtype in ("string", "large_string"))
+        )
+
+    if requested is not None:
+        if requested not in features:
+            raise ValueError(f"label_column_name {requested!r} is not a column of the dataset; columns: {columns}")
+        if not usable(features[requested]):
+            raise ValueError(
+                f"label_column_name {requested!r} holds {features[requested]!r}, not class labels (ClassLabel, "
+                f"integers or strings); columns: {columns}"
+            )
+        return requested
+    for name, feature in features.items():
+        if isinstance(feature, datasets.ClassLabel):
+            return name
+    for name in LABEL_COLUMN_CANDIDATES:
+        if name in features and usable(features[name]):
+            return name
+    raise ValueError(f"no label column found among {columns}; pass --label_column_name")
+
+
 def _is_within(path: str, folder: str) -> bool:
     path, folder = os.path.realpath(path), os.path.realpath(folder)
     return os.path.commonpath([path, folder]) == folder
@@ -354,13 +388,26 @@ def load_image_dataset(
     cache_dir: str | None = None,
     revision: str | None = None,
     token: str | bool | None = None,
+    train_file: str | None = None,
+    validation_split_size: int | None = None,
+    validation_split_percentage: float | None = None,
+    validation_split_seed: int = 0,
+    label_column_name: str | None = None,
 ) -> tuple[datasets.Dataset | datasets.IterableDataset, str, list[str]]:
-    """Loads a Hub dataset (``dataset_name``, ``dataset_config_name``, ``split``) or an image folder
-    (``train_dir``, listed by `image_folders.list_image_folder`), keeps only the image column and turns off
-    decoding. Returns ``(dataset, column, problems)``, ``problems`` naming the folder entries that could not be
-    listed (logged here)."""
-    if (dataset_name is None) == (train_dir is None):
-        raise ValueError("give exactly one of dataset_name and train_dir")
+    """Loads a Hub dataset (``dataset_name``, ``dataset_config_name``, ``split``), an image folder (``train_dir``,
+    listed by `image_folders.list_image_folder`) or local data files (``train_file``: parquet, arrow, CSV, JSON
+    lines; see `data_files`), keeps only the image column and turns off decoding. Returns ``(dataset, column,
+    problems)``, ``problems`` naming the folder entries that could not be listed (logged here).
+
+    With ``validation_split_size`` or ``validation_split_percentage``, the held-out validation slice that
+    fine-tuning draws from the same rows with the same seed (`holdout`, stratified by the label column; the class
+    folders of an image folder) is left out.
+    """
+    if sum(source is not None for source in (dataset_name, train_dir, train_file)) != 1:
+        raise ValueError("give exactly one of dataset_name, train_dir and train_file")
+    holding_out = validation_split_size is not None or validation_split_percentage is not None
+    if holding_out and streaming:
+        raise ValueError("a validation slice cannot be left out of a stream; drop --streaming")
     problems: list[str] = []
     if train_dir is not None:
         if not os.path.isdir(train_dir):
@@ -371,7 +418,7 @@ def load_image_dataset(
                 "read the cache as part of the data; put the cache elsewhere"
             )
         try:
-            listing = list_image_folder(train_dir)
+            listing = list_image_folder(train_dir, by_class=holding_out)  # fine-tuning's listing, labels included
         except ValueError as error:
             raise ValueError(f"train_dir {error}") from None
         listing.log_problems()
@@ -379,6 +426,11 @@ def load_image_dataset(
         dataset = folder_dataset(listing)
         if streaming:
             dataset = dataset.to_iterable_dataset(num_shards=min(len(dataset), STREAM_SHARDS))
+    elif train_file is not None:
+        if streaming:
+            raise ValueError("--streaming reads Hub datasets; local files are read directly")
+        splits, files = load_data_files(train_file, cache_dir=cache_dir)
+        dataset = splits["train"]
     else:
         dataset = datasets.load_dataset(
             dataset_name,
@@ -394,6 +446,12 @@ def load_image_dataset(
         dataset = dataset._resolve_features()
         features = dataset.features
     column = find_image_column(features, image_column_name)
+    if train_file is not None:
+        dataset = absolute_image_paths(dataset, column, files["train"])
+    if holding_out:
+        label_column = find_label_column(features, label_column_name)
+        size = held_out_size(len(dataset), validation_split_size, validation_split_percentage)
+        dataset, _ = split_off_validation(dataset, label_column, size, validation_split_seed)
     dataset = dataset.select_columns([column])
     if isinstance(features[column], datasets.Image):
         dataset = dataset.cast_column(column, datasets.Image(decode=False))

@@ -48,6 +48,7 @@ from .classification_data import (
     collate_classification,
 )
 from .classification_metrics import TopKAccuracy, top_k_indices
+from .device_dataset import DeviceBatches, cache_in_memory, load_device_images
 from .disk_faults import write_faults
 from .layer_decay import layer_decay_parameter_groups
 from .mixup import MixupCutmix, soft_target_cross_entropy
@@ -150,6 +151,15 @@ class FinetuneArguments(ClassificationDataArguments):
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
     clip_grad: float | None = field(default=None, metadata={"help": "Gradient norm clipping (official: none)."})
     # augmentation
+    crop_min_scale: float = field(
+        default=0.08, metadata={"help": "Smallest crop area fraction of RandomResizedCrop (official 0.08)."}
+    )
+    dataset_on_device: bool = field(
+        default=False,
+        metadata={"help": "Small images: decode the training images once onto the device and crop, flip, normalise "
+                          "and erase there (no RandAugment: needs --auto_augment none); the validation images are "
+                          "transformed once and kept in memory (see modeling_mfm.training.device_dataset)."},
+    )
     auto_augment: str | None = field(
         default=None, metadata={"help": "RandAugment spec (vit: rand-m9-mstd0.5-inc1); 'none' disables."}
     )
@@ -220,8 +230,7 @@ class FinetuneArguments(ClassificationDataArguments):
             raise ValueError("give exactly one of --model_name_or_path and --preset")
         if self.eval_only and self.model_name_or_path is None:
             raise ValueError("--eval_only needs --model_name_or_path")
-        if (self.dataset_name is None) == (self.train_dir is None):
-            raise ValueError("give exactly one of --dataset_name and --train_dir")
+        self.check_data_source()
         positive = {
             "per_device_train_batch_size": self.per_device_train_batch_size,
             "per_device_eval_batch_size": self.per_device_eval_batch_size,
@@ -246,6 +255,11 @@ class FinetuneArguments(ClassificationDataArguments):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0.0 < self.crop_min_scale <= 1.0:
+            raise ValueError(f"crop_min_scale must be in (0, 1], got {self.crop_min_scale}")
+        if self.dataset_on_device and self.auto_augment:
+            raise ValueError("--dataset_on_device has no RandAugment (a per-image CPU transform); pass --auto_augment "
+                             "none")
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise ValueError(f"clip_grad must be > 0 when given, got {self.clip_grad}")
         if self.push_to_hub:
@@ -312,6 +326,8 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
 def _model_card(args: FinetuneArguments, config: Any, best: dict[str, Any], details: dict[str, Any]) -> str:
     repo_id = args.hub_model_id or f"local/{Path(args.output_dir).resolve().name}"
     folder = Path(args.train_dir).resolve() if args.train_dir else None
+    if args.train_file:  # <name>/train-*.parquet: the dataset is <name>
+        folder = Path(args.train_file).resolve().parent
     if folder is not None and folder.name.lower() in ("train", "training"):
         folder = folder.parent  # <name>/train: the dataset is <name>
     dataset = args.dataset_name or folder.name
@@ -372,8 +388,11 @@ def _finetune(args: FinetuneArguments, accelerator: Accelerator) -> dict[str, An
         eval_rows, data.image_column, data.label_column,
         build_eval_transform(config.image_size, config.image_mean, config.image_std, args.crop_pct),
     )
+    eval_workers = args.num_workers
+    if args.dataset_on_device:  # the evaluation transform draws nothing: run it once, not every epoch
+        eval_set, eval_workers = cache_in_memory(eval_set, num_workers=args.num_workers), 0
     eval_loader = DataLoader(
-        eval_set, batch_size=args.per_device_eval_batch_size, shuffle=False, num_workers=args.num_workers,
+        eval_set, batch_size=args.per_device_eval_batch_size, shuffle=False, num_workers=eval_workers,
         collate_fn=collate_classification,
     )
 
@@ -392,14 +411,23 @@ def _finetune(args: FinetuneArguments, accelerator: Accelerator) -> dict[str, An
     train_set = ClassificationDataset(
         train_rows, data.image_column, data.label_column,
         build_train_transform(config.image_size, config.image_mean, config.image_std, args.auto_augment,
-                              args.random_erasing),
+                              args.random_erasing, scale=(args.crop_min_scale, 1.0)),
         replace_unreadable=True,
         seed=args.seed,
     )
-    train_loader = DataLoader(
-        train_set, batch_size=args.per_device_train_batch_size, shuffle=True, drop_last=True,
-        num_workers=args.num_workers, collate_fn=collate_classification,
-    )
+    if args.dataset_on_device:
+        device_images = load_device_images(train_rows, data.image_column, config.image_size, accelerator.device,
+                                           label_column=data.label_column, num_workers=args.num_workers)
+        train_loader = DeviceBatches(
+            device_images, args.per_device_train_batch_size, args.seed, process_index=accelerator.process_index,
+            num_processes=accelerator.num_processes, scale=(args.crop_min_scale, 1.0), mean=config.image_mean,
+            std=config.image_std, random_erasing=args.random_erasing,
+        )
+    else:
+        train_loader = DataLoader(
+            train_set, batch_size=args.per_device_train_batch_size, shuffle=True, drop_last=True,
+            num_workers=args.num_workers, collate_fn=collate_classification,
+        )
 
     total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     if args.learning_rate is not None:
@@ -412,9 +440,13 @@ def _finetune(args: FinetuneArguments, accelerator: Accelerator) -> dict[str, An
         group.pop("names")
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(args.adam_beta1, args.adam_beta2), eps=1e-8,
                                   fused=accelerator.device.type in FUSED_ADAMW_DEVICES)
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
-
-    batches_per_epoch = len(train_loader)
+    if args.dataset_on_device:  # batches are made on the device, this process's share only
+        model, optimizer, eval_loader = accelerator.prepare(model, optimizer, eval_loader)
+        # whole optimizer steps per epoch: nothing marks the end of these batches for Accelerate's accumulation
+        batches_per_epoch = len(train_loader) // args.gradient_accumulation_steps * args.gradient_accumulation_steps
+    else:
+        model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+        batches_per_epoch = len(train_loader)
     if batches_per_epoch == 0:
         raise ValueError(
             f"the training set ({len(train_set)} images) is smaller than one global batch "
@@ -457,6 +489,7 @@ def _finetune(args: FinetuneArguments, accelerator: Accelerator) -> dict[str, An
         "drop path": args.drop_path_rate if hasattr(config.backbone_config, "drop_path_rate") else "n/a",
         "warmup steps": warmup_steps, "mixup / cutmix": f"{args.mixup} / {args.cutmix}",
         "label smoothing": args.label_smoothing, "auto augment": args.auto_augment or "none",
+        "crop scale": f"{args.crop_min_scale}-1", "dataset on device": args.dataset_on_device,
         "random erasing": args.random_erasing, "mean pooling": args.mean_pooling, "image size": config.image_size,
         "mixed precision": precision,
     }
@@ -486,10 +519,13 @@ def _finetune(args: FinetuneArguments, accelerator: Accelerator) -> dict[str, An
     for epoch in range(state["epoch"], num_epochs):
         state["epoch"] = epoch
         model.train()
-        train_loader.set_epoch(epoch)
-        train_set.set_epoch(epoch)
         skip = state["batches_in_epoch"]
-        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        if args.dataset_on_device:
+            loader = train_loader.iterate(epoch, start=skip, stop=batches_per_epoch)
+        else:
+            train_loader.set_epoch(epoch)
+            train_set.set_epoch(epoch)
+            loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
         for batch_index, batch in enumerate(loader, start=skip):
             # the batch's random draws (mixup, drop path) are keyed by (seed, epoch, batch, process), so a resumed
             # run repeats them exactly

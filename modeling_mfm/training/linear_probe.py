@@ -84,8 +84,7 @@ class LinearProbeArguments(ClassificationDataArguments):
     seed: int = field(default=0, metadata={"help": "Random seed."})
 
     def check(self) -> None:
-        if (self.dataset_name is None) == (self.train_dir is None):
-            raise ValueError("give exactly one of --dataset_name and --train_dir")
+        self.check_data_source()
         if self.pooling not in ("mean", "cls"):
             raise ValueError(f"pooling must be 'mean' or 'cls', got {self.pooling!r}")
         if self.linear_epochs < 0 or self.knn_k < 0:

@@ -62,6 +62,7 @@ from .data import (
     prepare_stream,
     sample_photo_source,
 )
+from .device_dataset import DeviceBatches, DeviceImages, load_device_images
 from .device_decoding import DeviceDecodeTransform, collate_encoded_batches, decode_batch
 from .disk_faults import write_faults
 from .model_factory import (
@@ -186,10 +187,14 @@ def _check_positive(name: str, value: float | None, allow_zero: bool = False) ->
 
 
 def _validate_arguments(args: PretrainingArguments) -> None:
-    if args.dataset_name and args.train_dir:
-        raise ValueError("give either --dataset_name or --train_dir, not both")
-    if args.streaming and is_demo_run(args):
+    sources = [f"--{name}" for name in ("dataset_name", "train_dir", "train_file") if getattr(args, name)]
+    if len(sources) > 1:
+        raise ValueError(f"give one data source, not {' and '.join(sources)}")
+    if args.streaming and (is_demo_run(args) or args.train_file):
         raise ValueError("--streaming needs --dataset_name or --train_dir")
+    if args.dataset_on_device and (is_demo_run(args) or args.streaming or args.decode_on_device):
+        raise ValueError("--dataset_on_device needs a dataset that is not streamed (--dataset_name, --train_dir or "
+                         "--train_file) and replaces --decode_on_device")
     if args.streaming and args.max_train_steps is None:
         raise ValueError("--streaming needs --max_train_steps (a stream has no known length)")
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_train_steps",
@@ -225,7 +230,12 @@ def _build_dataset(args: PretrainingArguments, config: Any, accelerator: Acceler
         repeats = max(1, math.ceil(50 * args.per_device_train_batch_size / len(source)))
         dataset = PretrainingDataset(source, transform, seed=args.seed, repeats=repeats)
         return dataset, f"{len(source)} photos bundled with scikit-image (random crops)", False, []
-    description = args.dataset_name or f"image folder {os.path.basename(os.path.normpath(args.train_dir))}"
+    if args.dataset_name:
+        description = args.dataset_name
+    elif args.train_dir:
+        description = f"image folder {os.path.basename(os.path.normpath(args.train_dir))}"
+    else:
+        description = f"files {os.path.basename(args.train_file)}"
     if args.streaming:
         stream, column, unlisted = load_image_dataset(
             args.dataset_name, args.dataset_config_name, args.train_dir, args.train_split, args.image_column_name,
@@ -240,10 +250,22 @@ def _build_dataset(args: PretrainingArguments, config: Any, accelerator: Acceler
     with accelerator.main_process_first():  # the first process builds the datasets cache, the others reuse it
         hf_dataset, column, unlisted = load_image_dataset(
             args.dataset_name, args.dataset_config_name, args.train_dir, args.train_split, args.image_column_name,
-            streaming=False, cache_dir=args.cache_dir, token=args.hub_token,
+            streaming=False, cache_dir=args.cache_dir, token=args.hub_token, train_file=args.train_file,
+            validation_split_size=args.validation_split_size,
+            validation_split_percentage=args.validation_split_percentage,
+            validation_split_seed=args.seed if args.validation_split_seed is None else args.validation_split_seed,
+            label_column_name=args.label_column_name,
         )
     if args.max_train_samples:
         hf_dataset = hf_dataset.select(range(min(args.max_train_samples, len(hf_dataset))))
+    if args.dataset_on_device:
+        workers = args.dataloader_num_workers
+        if workers is None:
+            workers = default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)),
+                                          accelerator.device)
+        images = load_device_images(hf_dataset, column, config.image_size, accelerator.device, num_workers=workers)
+        left_out = f", {images.skipped} unreadable left out" if images.skipped else ""
+        return images, f"{description} ({len(images)} images on the device{left_out})", False, unlisted
     dataset = PretrainingDataset(HFImageSource(hf_dataset, column), transform, seed=args.seed)
     return dataset, f"{description} ({len(dataset)} images)", False, unlisted
 
@@ -357,6 +379,8 @@ def _make_dataloader(setup: _Setup, pin_memory: bool) -> DataLoader:
 
 def _fixed_batch(setup: _Setup, count: int) -> torch.Tensor:
     """The first ``count`` samples of epoch 0 (the same at every step and after a resume)."""
+    if isinstance(setup.dataset, DeviceImages):  # the first stored images, whole
+        return setup.dataset.images[:count].cpu()
     if setup.streaming:
         images = []
         for sample in setup.dataset:
@@ -495,8 +519,14 @@ class _PretrainingRun:
             eps=args.adam_epsilon,
         )
         pin_memory = device.type == "cuda"
-        dataloader = _make_dataloader(setup, pin_memory)
-        if setup.streaming:
+        if args.dataset_on_device:  # batches are made on the device: nothing for Accelerate to shard or move
+            dataloader = DeviceBatches(
+                setup.dataset, args.per_device_train_batch_size, args.seed, process_index=accelerator.process_index,
+                num_processes=accelerator.num_processes, scale=(args.crop_min_scale, 1.0), ratio=DEFAULT_CROP_RATIO,
+            )
+            model, optimizer = accelerator.prepare(model, optimizer)
+        elif setup.streaming:
+            dataloader = _make_dataloader(setup, pin_memory)
             # already split across processes by split_dataset_by_node: only move batches to the device
             model, optimizer = accelerator.prepare(model, optimizer)
             dataloader = prepare_data_loader(
@@ -504,6 +534,7 @@ class _PretrainingRun:
                 dispatch_batches=False, non_blocking=pin_memory,
             )
         else:
+            dataloader = _make_dataloader(setup, pin_memory)
             model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
         self.model, self.optimizer, self.dataloader = model, optimizer, dataloader
 
@@ -571,10 +602,13 @@ class _PretrainingRun:
             loader = self.accelerator.skip_first_batches(self.dataloader, done) if done else self.dataloader
             return loader, setup.total_steps - self.completed_steps
         step_in_epoch = self.completed_steps - epoch * setup.steps_per_epoch
-        self.dataloader.set_epoch(epoch)
+        steps = min(setup.steps_per_epoch - step_in_epoch, setup.total_steps - self.completed_steps)
         done = step_in_epoch * accumulation
+        if self.args.dataset_on_device:
+            return self.dataloader.iterate(epoch, start=done), steps
+        self.dataloader.set_epoch(epoch)
         loader = self.accelerator.skip_first_batches(self.dataloader, done) if done else self.dataloader
-        return loader, min(setup.steps_per_epoch - step_in_epoch, setup.total_steps - self.completed_steps)
+        return loader, steps
 
     def train(self) -> None:
         args, setup, accelerator = self.args, self.setup, self.accelerator
