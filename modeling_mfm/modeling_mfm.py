@@ -343,8 +343,13 @@ def _patch_tokens_to_map(tokens: torch.Tensor, height: int, width: int, stride: 
 
 def _project_and_shuffle(projection: nn.Module, features: torch.Tensor, stride: int) -> torch.Tensor:
     """Channel-last features (B, h, w, D) -> image (B, C, h * stride, w * stride): the 1x1 convolution ``projection``
-    (called as a module, so hooks and adapters on it apply), then PixelShuffle(stride)."""
-    return F.pixel_shuffle(projection(features.permute(0, 3, 1, 2)), stride)
+    (called as a module, so hooks and adapters on it apply), then PixelShuffle(stride), written out on the
+    channel-last result (PixelShuffle reads channel c * stride² + i * stride + j into pixel
+    (h * stride + i, w * stride + j)), so that a channel-last projection costs one copy."""
+    projected = projection(features.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, h, w, stride² * C)
+    batch, rows, columns, _ = projected.shape
+    pixels = projected.reshape(batch, rows, columns, -1, stride, stride).permute(0, 3, 1, 4, 2, 5)
+    return pixels.reshape(batch, pixels.shape[1], rows * stride, columns * stride)
 
 
 class MFMDecoder(nn.Module):

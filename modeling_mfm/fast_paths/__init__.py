@@ -55,14 +55,15 @@ class FastPaths:
     """What `apply_fast_paths` did to a model: ``switched`` (path -> number of modules), ``unavailable`` (path ->
     why this transformers release cannot run it), and `remove` to undo it."""
 
-    model: nn.Module
+    model_name: str
     switched: dict[str, int] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)
     _undo: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    _model: weakref.ref | None = field(default=None, repr=False)  # weak: the registry is keyed by the model
 
     def summary(self) -> str:
         switched = ", ".join(f"{name} x{count}" for name, count in self.switched.items() if count) or "nothing"
-        return f"fast paths on {type(self.model).__name__}: {switched}"
+        return f"fast paths on {self.model_name}: {switched}"
 
     def remove(self) -> None:
         """Undoes every switch (in reverse order): the model computes with transformers' stock forward again."""
@@ -70,8 +71,9 @@ class FastPaths:
             undo()
         self._undo.clear()
         self.switched.clear()
-        if _APPLIED.get(self.model) is self:
-            del _APPLIED[self.model]
+        model = self._model() if self._model is not None else None
+        if model is not None and _APPLIED.get(model) is self:
+            del _APPLIED[model]
 
 
 def apply_fast_paths(
@@ -101,7 +103,7 @@ def apply_fast_paths(
         steps["fused_qkv"] = fuse_qkv_projections
     if unit_layer_scale:
         steps["unit_layer_scale"] = skip_unit_layer_scales
-    handle = FastPaths(model)
+    handle = FastPaths(type(model).__name__, _model=weakref.ref(model))
     for name, step in steps.items():
         try:
             count, undo = step(model)
