@@ -65,9 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="First compare the loss and gradients of one batch by the fast step (this precision, "
                            "SDPA, channels_last, compile) with the plain float32 eager step, same masks.")
     step.add_argument("--plain_baseline", action="store_true",
-                      help="Also time the plain float32 formulation of the same step (host-built masks, complex "
-                           "arithmetic, eager attention, for-loop AdamW), alternating steps with this one, and "
-                           "print the speed-up over it.")
+                      help="Also time the plain float32 formulation of the same step (the model without fast paths, "
+                           "host-built masks, complex arithmetic, eager attention, for-loop AdamW), alternating steps "
+                           "with this one, and print the speed-up over it.")
+    step.add_argument("--no_fast_paths", dest="fast_paths", action="store_false",
+                      help="Time the model without modeling_mfm.fast_paths (as pre-training's --no_fast_paths).")
     step.add_argument("--skip_step", action="store_true", help="Only benchmark the input pipeline.")
     data = parser.add_argument_group("input pipeline (a folder of images)")
     data.add_argument("--data_dir", help="Folder of images; the pipeline benchmark runs when given.")
@@ -112,7 +114,7 @@ def benchmark_batch_size(args: argparse.Namespace, name: str, config: MFMConfig,
             config, batch_size, args.steps, args.warmup_steps, args.mixed_precision, args.torch_compile,
             args.gradient_checkpointing, args.cpu, args.peak_tflops, compile_scope=args.compile_scope,
             profile_path=profile_path, plain_baseline=args.plain_baseline, compile_mode=args.compile_mode,
-            bf16_residual_stream=args.bf16_residual_stream,
+            bf16_residual_stream=args.bf16_residual_stream, fast_paths=args.fast_paths,
         )
     except RuntimeError as error:  # torch.OutOfMemoryError on an accelerator, a RuntimeError on the CPU
         if not isinstance(error, torch.OutOfMemoryError) and "can't allocate memory" not in str(error):

@@ -1,8 +1,9 @@
 """Does the fast training step compute what the plain one does? One batch, the same weights and the same frequency
-masks, through the plain path (float32, eager) and the fast path (mixed-precision autocast, SDPA/flash attention,
-channels_last for CNNs, optionally ``torch.compile``): the losses and the gradients must agree within the low
-precision's tolerance. How close the gradients can be depends on the network: the result also holds the cosine
-between the plain gradient and the plain gradient of the input rounded to the low precision, the yardstick.
+masks, through the plain path (float32, eager) and the fast path (`modeling_mfm.fast_paths`, mixed-precision
+autocast, SDPA/flash attention, channels_last for CNNs, optionally ``torch.compile``): the losses and the gradients
+must agree within the low precision's tolerance. How close the gradients can be depends on the network: the result
+also holds the cosine between the plain gradient and the plain gradient of the input rounded to the low precision,
+the yardstick.
 
 The masks are drawn once and passed to both paths, because a compiled graph draws its random numbers with its own
 generator (a different mask would make the losses differ for no fault of the fast path).
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+from modeling_mfm.fast_paths import apply_fast_paths
 from modeling_mfm.training.model_factory import preferred_memory_format
 from modeling_mfm.training.transforms import normalize_on_device
 
@@ -57,6 +59,7 @@ def fast_path_agreement(
     plain = MFMForPreTraining(plain_config).to(device).train()
     fast = MFMForPreTraining(config).train()
     fast.load_state_dict(plain.state_dict())
+    apply_fast_paths(fast)
     fast.to(device, memory_format=preferred_memory_format(config, device))
     generator = torch.Generator(device="cpu").manual_seed(seed)
     images = torch.randint(0, 256, (batch_size, config.num_channels, config.image_size, config.image_size),

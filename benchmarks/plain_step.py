@@ -22,8 +22,6 @@ import torch.nn.functional as F
 
 from modeling_mfm import MFMForPreTraining
 from modeling_mfm.conversion import official_reference as reference
-from modeling_mfm.patch_linear import use_convolution_patch_projection
-from modeling_mfm.qkv_projection import use_separate_qkv_projections
 from modeling_mfm.training.model_factory import enable_activation_checkpointing
 
 __all__ = ["plain_config", "plain_decode", "plain_keep_masks", "plain_model", "plain_pretraining_loss",
@@ -45,12 +43,9 @@ def plain_config(config: Any) -> Any:
 
 
 def plain_model(config: Any) -> MFMForPreTraining:
-    """The package's model under `plain_config`, its ViT patch embedding a convolution again and its attention
-    projecting queries, keys and values separately, as transformers builds them."""
-    model = MFMForPreTraining(plain_config(config))
-    use_convolution_patch_projection(model.mfm.backbone)
-    use_separate_qkv_projections(model)
-    return model
+    """The package's model under `plain_config`, without `modeling_mfm.fast_paths`: the ViT patch embedding a
+    convolution and the attention projecting queries, keys and values separately, as transformers builds them."""
+    return MFMForPreTraining(plain_config(config))
 
 
 def plain_decode(model: MFMForPreTraining, features: torch.Tensor, height: int, width: int) -> torch.Tensor:

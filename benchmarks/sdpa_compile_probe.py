@@ -1,7 +1,7 @@
 """Which attention kernels does the compiled ViT-B/16 MFM step accept on CUDA, and how fast is its forward + backward
-with each? Seen on an H100 with torch 2.11 before `modeling_mfm.image_attention`: the compiled step ran the math SDPA
-(bmm + softmax) and was slower than eager, and forcing flash or cuDNN attention failed while tracing ("Flash Attention
-does not support non-null attn_mask"). With the encoders on `mfm_image_sdpa`, the forced variants should compile.
+with each? Seen on an H100 with torch 2.11 before `modeling_mfm.fast_paths.image_attention`: the compiled step ran
+the math SDPA (bmm + softmax) and was slower than eager, and forcing flash or cuDNN attention failed while tracing
+("Flash Attention does not support non-null attn_mask"). With the encoders on `mfm_image_sdpa`, the forced variants should compile.
 
     python benchmarks/sdpa_compile_probe.py
 """

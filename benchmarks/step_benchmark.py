@@ -21,6 +21,8 @@ from plain_step import plain_config, plain_training_step
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
+from modeling_mfm import MFMForPreTraining
+from modeling_mfm.fast_paths import apply_fast_paths
 from modeling_mfm.training.data import (
     EpochShuffleSampler,
     HFImageSource,
@@ -29,11 +31,7 @@ from modeling_mfm.training.data import (
     load_image_dataset,
 )
 from modeling_mfm.training.device_decoding import DeviceDecodeTransform, collate_encoded_batches, decode_batch
-from modeling_mfm.training.model_factory import (
-    enable_activation_checkpointing,
-    keep_residual_stream_in_bf16,
-    preferred_memory_format,
-)
+from modeling_mfm.training.model_factory import enable_activation_checkpointing, preferred_memory_format
 from modeling_mfm.training.monitoring import (
     describe_hardware,
     peak_memory_bytes,
@@ -71,8 +69,6 @@ def training_flops_per_image(config: Any, batch_size: int = 2, device: torch.dev
     """FLOPs of one training step (forward + backward of MFMForPreTraining) per image, counted by
     ``torch.utils.flop_counter`` (matrix multiplications and convolutions; FFTs and element-wise work are not
     counted, as is usual for MFU). Attention is counted as its two matmuls, whichever kernel runs it."""
-    from modeling_mfm import MFMForPreTraining
-
     config = copy.deepcopy(config)
     config._attn_implementation = "eager"  # fused CPU attention kernels have no FLOP formula: count the matmuls
     model = MFMForPreTraining(config).to(device).train()
@@ -118,6 +114,7 @@ def benchmark_training_step(
     plain_baseline: bool = False,
     compile_mode: str = "default",
     bf16_residual_stream: bool = False,
+    fast_paths: bool = True,
 ) -> dict[str, Any]:
     """Images per second and peak memory of the full training step (normalisation on the device, forward with
     frequency masking, frequency loss, backward, gradient clipping, AdamW) on random uint8 images, through
@@ -126,15 +123,15 @@ def benchmark_training_step(
     the benchmark's precision) the result has the MFU: FLOPs per image x img/s / peak. ``compile_scope`` "model"
     compiles the whole MFMForPreTraining, "backbone" only its encoder; ``compile_mode`` is torch.compile's mode
     ("reduce-overhead": CUDA graphs, for steps whose kernels run faster than Python launches them);
-    ``bf16_residual_stream`` is pre-training's ``--bf16_residual_stream`` (ViTs, bf16 only). With
+    ``bf16_residual_stream`` is pre-training's ``--bf16_residual_stream`` (ViTs, bf16 only); ``fast_paths`` applies
+    `modeling_mfm.fast_paths` (as the scripts do by default). With
     ``profile_path``, three more steps run under ``torch.profiler`` and the table of the operators' device (or CPU)
     time is written there. cuDNN autotuning is as set globally (``torch.backends.cudnn.benchmark``, which the
     benchmark script turns on as pre-training does; see `cudnn_autotuning`), and the result says which.
 
-    ``plain_baseline`` then also builds the same model, with the same initial weights, in the plain float32
-    formulation of `plain_step`, and times it against this step in alternating steps (so that a machine whose speed
-    drifts affects both alike): ``result["plain_baseline"]`` has both rates and the speed-up."""
-    from modeling_mfm import MFMForPreTraining
+    ``plain_baseline`` then also builds the same model, with the same initial weights, without fast paths and in the
+    plain float32 formulation of `plain_step`, and times it against this step in alternating steps (so that a
+    machine whose speed drifts affects both alike): ``result["plain_baseline"]`` has both rates and the speed-up."""
 
     if batch_size <= 0 or steps <= 0 or warmup_steps < 0:
         raise ValueError(f"batch_size and steps must be positive and warmup_steps >= 0, got {batch_size}, {steps}, "
@@ -154,8 +151,10 @@ def benchmark_training_step(
     model = MFMForPreTraining(config)
     if gradient_checkpointing:
         enable_activation_checkpointing(model)
-    if bf16_residual_stream:
-        keep_residual_stream_in_bf16(model)
+    if fast_paths or bf16_residual_stream:
+        apply_fast_paths(model, bf16_residual_stream=bf16_residual_stream, mask_free_sdpa=fast_paths,
+                         patch_gemm=fast_paths, decoder_gemm=fast_paths, fused_qkv=fast_paths,
+                         unit_layer_scale=fast_paths)
     memory_format = preferred_memory_format(config, device)
     model.to(device, memory_format=memory_format)
     optimizer = build_optimizer(model, lr=1e-4)
@@ -207,6 +206,7 @@ def benchmark_training_step(
         "compile_mode": compile_mode if torch_compile else None,
         "gradient_checkpointing": gradient_checkpointing,
         "bf16_residual_stream": bf16_residual_stream,
+        "fast_paths": fast_paths,
         "channels_last": memory_format == torch.channels_last,
         "cudnn_benchmark": torch.backends.cudnn.benchmark if device.type == "cuda" else None,
         "parameters_millions": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),

@@ -20,7 +20,7 @@ nothing changes in it until a variant has earned its place; join parts with "+" 
 - ``bf16_residual``: the package's ``keep_residual_stream_in_bf16`` (``--bf16_residual_stream``): the embeddings'
   output is cast to bf16 once, so that the residual adds run in bf16 and LayerNorm reads bf16.
 - ``separate_qkv``: BEiT's three (768 x 768) projections for queries, keys and values, as transformers computes
-  them, instead of the package's one (768 x 2304) GEMM (modeling_mfm/qkv_projection.py).
+  them, instead of the package's one (768 x 2304) GEMM (modeling_mfm/fast_paths/qkv_projection.py).
 - ``flash`` / ``cudnn`` / ``efficient``: force that SDPA kernel (the default on an H100 is cuDNN's).
 - ``max_autotune``: Inductor's ``max-autotune-no-cudagraphs`` mode (Triton GEMM templates, into which it can fuse
   the bias and GELU epilogues; compilation takes minutes).
@@ -46,9 +46,7 @@ from step_benchmark import profile_steps
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from modeling_mfm import FrequencyLoss, MFMConfig, MFMForPreTraining
-from modeling_mfm.patch_linear import use_convolution_patch_projection
-from modeling_mfm.qkv_projection import use_separate_qkv_projections
-from modeling_mfm.training.model_factory import keep_residual_stream_in_bf16
+from modeling_mfm.fast_paths import apply_fast_paths, keep_residual_stream_in_bf16
 from modeling_mfm.training.monitoring import peak_reserved_bytes
 from modeling_mfm.training.optim import build_optimizer
 
@@ -63,9 +61,8 @@ COMPILE_MODES = {"max_autotune": "max-autotune-no-cudagraphs", "cudagraphs": "re
 
 
 def convolution_patches(model: MFMForPreTraining) -> None:
-    """The patch embedding and the decoder head as the convolutions of the official code (the package computes them
-    as GEMMs, see modeling_mfm/patch_linear.py): the A/B of that change."""
-    use_convolution_patch_projection(model.mfm.backbone)
+    """The decoder head as the convolution of the official code, on an (B, D, h, w) map (the package computes it as
+    a GEMM on channel-last features): the A/B of that change, with the fast path ``patch_gemm`` left off."""
     model.decode = MethodType(plain_decode, model)
 
 
@@ -106,18 +103,22 @@ def complex_ffts(model: MFMForPreTraining) -> None:
 
 PATCHES = {
     "bf16_residual": keep_residual_stream_in_bf16,
-    "separate_qkv": use_separate_qkv_projections,
+    "separate_qkv": lambda model: None,
     "conv_patches": convolution_patches,
     "complex_fft": complex_ffts,
 }
+# the fast paths (modeling_mfm.fast_paths) a variant leaves off
+FAST_PATHS_OFF = {"separate_qkv": {"fused_qkv": False}, "conv_patches": {"patch_gemm": False, "decoder_gemm": False}}
 
 
-def parse_variant(name: str) -> tuple[list, SDPBackend | None, str | None]:
-    """"bf16_residual+separate_qkv+flash" -> (model patches, forced attention kernel, compile mode)."""
-    patches, kernel, mode = [], None, None
+def parse_variant(name: str) -> tuple[list, SDPBackend | None, str | None, dict]:
+    """"bf16_residual+separate_qkv+flash" -> (model patches, forced attention kernel, compile mode, fast paths
+    left off)."""
+    patches, kernel, mode, off = [], None, None, {}
     for part in name.split("+"):
         if part in PATCHES:
             patches.append(PATCHES[part])
+            off.update(FAST_PATHS_OFF.get(part, {}))
         elif part in ATTENTION_KERNELS:
             kernel = ATTENTION_KERNELS[part]
         elif part in COMPILE_MODES:
@@ -125,7 +126,7 @@ def parse_variant(name: str) -> tuple[list, SDPBackend | None, str | None]:
         elif part != "autocast":
             known = ["autocast", *PATCHES, *ATTENTION_KERNELS, *COMPILE_MODES]
             raise SystemExit(f"unknown variant part {part!r}; known: {', '.join(known)}")
-    return patches, kernel, mode
+    return patches, kernel, mode, off
 
 
 def loss_and_gradient(model, pixel_values, mask, autocast: bool) -> tuple[float, torch.Tensor]:
@@ -196,9 +197,10 @@ def main() -> None:
     initial = MFMForPreTraining(config).state_dict()
     pixel_values = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
 
-    def fresh_model() -> MFMForPreTraining:
+    def fresh_model(fast_paths_off: dict | None = None) -> MFMForPreTraining:
         model = MFMForPreTraining(config)
         model.load_state_dict(initial)
+        apply_fast_paths(model, **(fast_paths_off or {}))
         return model.to(device).train()
 
     model = fresh_model()
@@ -210,8 +212,8 @@ def main() -> None:
     print(f"{args.preset}, batch {args.batch_size}, {args.image_size} px, {device}, torch {torch.__version__}, "
           f"{'eager' if args.eager else 'compiled'}")
     print(f"float32 loss {reference_loss:.6f} (agreement on the first 8 images)", flush=True)
-    for name, (patches, kernel, mode) in variants.items():
-        model = fresh_model()
+    for name, (patches, kernel, mode, off) in variants.items():
+        model = fresh_model(off)
         for patch in patches:
             patch(model)
         try:

@@ -2,6 +2,7 @@
 
 Importing the package registers MFM with the transformers Auto classes, and marks the classes for remote code so
 that `save_pretrained` ships the modeling files (users without this package load with `trust_remote_code=True`).
+The opt-in speed-ups the scripts use are in `modeling_mfm.fast_paths`.
 """
 
 from transformers import (
@@ -21,6 +22,7 @@ from .frequency import (
     sample_frequency_masks,
 )
 from .modeling_mfm import (
+    DEFAULT_CROP_PCT,
     MFMForImageClassification,
     MFMForPreTraining,
     MFMForPreTrainingOutput,
@@ -43,6 +45,7 @@ MFMForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 MFMForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 
 __all__ = [
+    "DEFAULT_CROP_PCT",
     "PRESETS",
     "FrequencyLoss",
     "MFMConfig",

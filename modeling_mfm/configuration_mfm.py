@@ -1,13 +1,23 @@
-"""MFMConfig: the one serialisable description of an MFM model (backbone, corruption, loss and decoder)."""
+"""MFMConfig: the one serialisable description of an MFM model (backbone, corruption, loss and decoder).
+
+Shipped as Hub remote code with every checkpoint, so it uses transformers' public API only and the classic
+``__init__`` form of a custom config, which every transformers 5 release loads (the dataclass form of later releases
+is not in transformers 5.0).
+"""
 
 from __future__ import annotations
 
+import copy
+import inspect
+import logging
 import math
+import numbers
 import os
 from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
+
+logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -26,6 +36,16 @@ BLUR_KERNEL_TYPES = (
     "sinc",
 )
 NOISE_TYPES = ("gaussian", "poisson")
+
+# Guards against an untrusted config.json that would allocate for minutes (or forever): the model's parameter count
+# is estimated from the sizes before anything is built. The largest published MFM model (ViT-B) has 86 M parameters
+# and ViT-g about 1 B; 10 B leaves room for any real encoder.
+MAX_PARAMETERS = 10**10
+MAX_IMAGE_SIZE = 16384
+
+# Fields that older releases kept in the model config and that now belong to the training scripts: accepted when an
+# old config.json is read, then dropped.
+RETIRED_FIELDS = ("label_smoothing",)
 
 
 def beit_backbone(hidden_size: int, layers: int, heads: int, image_size: int = 224, patch_size: int = 16, **kw) -> dict:
@@ -99,31 +119,119 @@ RELEASED_PRETEXT_SETTINGS: dict[str, dict[str, Any]] = {
 }
 for _base in ("mfm-vit-small", "mfm-vit-base", "mfm-resnet50"):
     for _pretext, _settings in RELEASED_PRETEXT_SETTINGS.items():
-        PRESETS[f"{_base}-{_pretext}"] = {**PRESETS[_base], "corruption": _pretext, "loss_on": "all", **_settings}
+        PRESETS[f"{_base}-{_pretext}"] = {**PRESETS[_base], "corruption": _pretext, **_settings}
 
 
-def _in_range(name: str, value: float, low: float, high: float) -> None:
-    if not (low <= value <= high):
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+# ---------------------------------------------------------------------------------------------------- field checks
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _check_range_pair(name: str, pair: Any, low: float = -math.inf, high: float = math.inf) -> None:
-    if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-        raise ValueError(f"{name} must be a [min, max] pair, got {pair!r}")
-    if not (low <= pair[0] <= pair[1] <= high):
-        raise ValueError(f"{name} must satisfy {low} <= min <= max <= {high}, got {list(pair)}")
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _check_probabilities(name: str, probs: Any, expected_len: int) -> None:
-    if not isinstance(probs, (list, tuple)) or len(probs) != expected_len:
-        raise ValueError(f"{name} must be a list of {expected_len} probabilities, got {probs!r}")
+def _integer(name: str, value: Any, minimum: int = 1) -> None:
+    if not _is_int(value):
+        raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _number(name: str, value: Any, low: float = -math.inf, high: float = math.inf, low_open: bool = False) -> None:
+    if not _is_number(value):
+        raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if value < low or value > high or (low_open and value == low):
+        if high == math.inf:
+            raise ValueError(f"{name} must be {'>' if low_open else '>='} {low:g}, got {value}")
+        raise ValueError(f"{name} must be in {'(' if low_open else '['}{low}, {high}], got {value}")
+
+
+def _boolean(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r} ({type(value).__name__})")
+
+
+def _numbers(name: str, values: Any, length: int | None = None) -> None:
+    if not isinstance(values, (list, tuple)) or (length is not None and len(values) != length):
+        expected = f"a list of {length} numbers" if length is not None else "a list of numbers"
+        raise ValueError(f"{name} must be {expected}, got {values!r}")
+    for value in values:
+        _number(name, value)
+
+
+def _range_pair(name: str, pair: Any, low: float = -math.inf) -> None:
+    _numbers(name, pair, 2)
+    if not (low <= pair[0] <= pair[1]):
+        raise ValueError(f"{name} must satisfy {low} <= min <= max, got {list(pair)}")
+
+
+def _probabilities(name: str, probs: Any, expected_len: int) -> None:
+    _numbers(name, probs, expected_len)
     if any(p < 0 for p in probs) or abs(sum(probs) - 1.0) > 1e-4:
         raise ValueError(f"{name} must be non-negative and sum to 1, got {list(probs)}")
+
+
+def _choices(name: str, values: Any, allowed: tuple[str, ...]) -> None:
+    if not isinstance(values, (list, tuple)) or not values or not all(isinstance(v, str) for v in values):
+        raise ValueError(f"{name} must be a non-empty list of names from {allowed}, got {values!r}")
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise ValueError(f"{name} has unknown entries {unknown}; known: {allowed}")
+
+
+def low_pass_removes_something(image_size: int, radius: float, outer_radius: float | None) -> bool:
+    """Whether the low-pass filter removes at least one frequency of an image_size x image_size spectrum: is there a
+    point (x, y) of the grid, centred at image_size // 2, with radius² <= d² < outer_radius²?"""
+    centre = image_size // 2
+    largest_dy = max(centre, image_size - 1 - centre)
+    outer2 = math.inf if outer_radius is None else outer_radius**2
+    for dx in range(-centre, image_size - centre):
+        need = radius**2 - dx * dx  # dy² must reach this
+        dy = 0 if need <= 0 else math.isqrt(math.ceil(need))
+        while dy * dy < need:
+            dy += 1
+        if dy <= largest_dy and dx * dx + dy * dy < outer2:
+            return True
+    return False
+
+
+def _transformers_keys() -> frozenset[str]:
+    """Keyword arguments that transformers itself passes to (or reads from) every config, in this release."""
+    base = set(inspect.signature(PreTrainedConfig.__init__).parameters) - {"self", "kwargs"}
+    return frozenset(base | {
+        "model_type", "transformers_version", "architectures", "auto_map", "name_or_path", "dtype", "torch_dtype",
+        "attn_implementation", "experts_implementation", "output_attentions", "output_hidden_states", "return_dict",
+        "num_labels", "id2label", "label2id", "problem_type", "tie_word_embeddings", "pruned_heads",
+        "chunk_size_feed_forward", "is_encoder_decoder", "per_layer_config", "tokenizer_class",
+    })
+
+
+def estimated_parameters(config: MFMConfig) -> int:
+    """A quick estimate of the parameter count from the sizes (within a small factor), computed before building."""
+    backbone = config.backbone_config
+    if config.is_vit:
+        width, depth = backbone.hidden_size, backbone.num_hidden_layers
+        tokens = (config.image_size // backbone.patch_size) ** 2 + 1
+        count = depth * (4 * width * width + 2 * width * backbone.intermediate_size)
+        count += tokens * width + config.num_channels * backbone.patch_size**2 * width
+        if config.decoder_depth:
+            decoder_width = config.decoder_hidden_size
+            count += config.decoder_depth * 12 * decoder_width * decoder_width + tokens * decoder_width
+    else:
+        count = sum(18 * depth * width * width for depth, width in zip(backbone.depths, backbone.hidden_sizes))
+    return count + config.encoder_hidden_size * config.encoder_stride**2 * config.num_channels
 
 
 class MFMConfig(PreTrainedConfig):
     r"""Configuration of an MFM model: a backbone encoder, how its input is corrupted, and how the
     reconstruction is scored. The defaults reproduce the official ViT-B/16 MFM pre-training config.
+
+    Every field is checked when the config is built (a `ValueError` names the field). Unknown keys are kept but
+    warned about by name; a config whose sizes describe more than `MAX_PARAMETERS` parameters, or an image larger
+    than `MAX_IMAGE_SIZE`, is refused before anything is allocated.
 
     Args:
         backbone_config (`PreTrainedConfig` or `dict`, *optional*):
@@ -141,8 +249,9 @@ class MFMConfig(PreTrainedConfig):
         mask_outer_radius (`float`, *optional*): Outer radius r2 (None = no outer bound; official 999).
         low_pass_probability (`float`, defaults to 0.5): Probability of a low-pass filter per image
             (0.3 in the official ResNet-50 config).
-        loss_on (`str`, defaults to `"masked"`): `"masked"`: mean loss over the removed frequencies only
-            (official MFM); `"all"`: plain mean over all frequencies (official restoration pretexts).
+        loss_on (`str`, *optional*): `"masked"`: mean loss over the removed frequencies only (official MFM);
+            `"all"`: plain mean over all frequencies (official restoration pretexts). Defaults to `"masked"` for
+            corruption `"mfm"` and to `"all"` for the others.
         loss_gamma, matrix_gamma, patch_factor, ave_spectrum, with_matrix, log_matrix, batch_matrix:
             Options of the frequency loss (`FrequencyLoss`), official defaults.
         decoder_depth (`int`, defaults to 0): 0 = the official 1x1 conv + PixelShuffle head; > 0 = the official
@@ -155,73 +264,85 @@ class MFMConfig(PreTrainedConfig):
             The "deblur" kernel family (Real-ESRGAN's), official defaults.
         noise_types, noise_probs, noise_gaussian_sigma_range (in 1/255 units), noise_gaussian_gray_prob,
         noise_poisson_scale_range, noise_poisson_gray_prob: The "denoise" pretext, official defaults.
-        label_smoothing (`float`, defaults to 0.0): Label smoothing of `MFMForImageClassification`'s loss.
-        classifier_dropout (`float`, defaults to 0.0): Dropout before the classification head.
+        classifier_dropout (`float`, defaults to 0.0): Dropout before the classification head. It stays in the model
+            config because it is a layer of `MFMForImageClassification` (as in transformers' own classifiers);
+            label smoothing, a property of a training run, is an option of the fine-tuning script and of
+            `TrainingArguments` (`label_smoothing_factor`).
+        initializer_range (`float`, defaults to 0.02): Standard deviation of the truncated-normal initialisation.
     """
 
     model_type = "mfm"
-    sub_configs_defaults = {
-        "backbone_config": SubConfigSpec(
-            config_class=AutoConfig,
-            model_type="beit",
-            init_kwargs={k: v for k, v in beit_backbone(768, 12, 12).items() if k != "model_type"},
-        )
-    }
+    sub_configs = {"backbone_config": AutoConfig}
 
-    backbone_config: dict | PreTrainedConfig | None = None
-    image_size: int | None = None
-    num_channels: int = 3
-    image_mean: list[float] | None = None
-    image_std: list[float] | None = None
-    corruption: str = "mfm"
-    # frequency masking
-    mask_radius: float = 16
-    mask_outer_radius: float | None = None
-    low_pass_probability: float = 0.5
-    # frequency loss
-    loss_on: str = "masked"
-    loss_gamma: float = 1.0
-    matrix_gamma: float = 1.0
-    patch_factor: int = 1
-    ave_spectrum: bool = False
-    with_matrix: bool = False
-    log_matrix: bool = False
-    batch_matrix: bool = False
-    # decoder
-    decoder_depth: int = 0
-    decoder_hidden_size: int = 512
-    decoder_num_attention_heads: int = 16
-    # restoration pretexts
-    sr_factor: int = 8
-    blur_kernel_sizes: list[int] | None = None
-    blur_kernel_types: list[str] | None = None
-    blur_kernel_probs: list[float] | None = None
-    blur_sigma_x_range: list[float] | None = None
-    blur_sigma_y_range: list[float] | None = None
-    blur_rotation_range: list[float] | None = None
-    blur_beta_gaussian_range: list[float] | None = None
-    blur_beta_plateau_range: list[float] | None = None
-    noise_types: list[str] | None = None
-    noise_probs: list[float] | None = None
-    noise_gaussian_sigma_range: list[float] | None = None
-    noise_gaussian_gray_prob: float = 0.4
-    noise_poisson_scale_range: list[float] | None = None
-    noise_poisson_gray_prob: float = 0.4
-    # classification
-    label_smoothing: float = 0.0
-    classifier_dropout: float = 0.0
-    initializer_range: float = 0.02
-
-    def __post_init__(self, **kwargs: Any) -> None:
-        if isinstance(self.backbone_config, dict) and "model_type" not in self.backbone_config:
-            raise ValueError("backbone_config given as a dict needs a 'model_type' (one of " f"{SUPPORTED_BACKBONES})")
-        if isinstance(self.backbone_config, dict):
-            model_type = self.backbone_config["model_type"]
-            if model_type not in SUPPORTED_BACKBONES:
-                raise ValueError(f"backbone_config.model_type must be one of {SUPPORTED_BACKBONES}, got {model_type!r}")
+    def __init__(
+        self,
+        backbone_config: dict | PreTrainedConfig | None = None,
+        image_size: int | None = None,
+        num_channels: int = 3,
+        image_mean: list[float] | None = None,
+        image_std: list[float] | None = None,
+        corruption: str = "mfm",
+        mask_radius: float = 16,
+        mask_outer_radius: float | None = None,
+        low_pass_probability: float = 0.5,
+        loss_on: str | None = None,
+        loss_gamma: float = 1.0,
+        matrix_gamma: float = 1.0,
+        patch_factor: int = 1,
+        ave_spectrum: bool = False,
+        with_matrix: bool = False,
+        log_matrix: bool = False,
+        batch_matrix: bool = False,
+        decoder_depth: int = 0,
+        decoder_hidden_size: int = 512,
+        decoder_num_attention_heads: int = 16,
+        sr_factor: int = 8,
+        blur_kernel_sizes: list[int] | None = None,
+        blur_kernel_types: list[str] | None = None,
+        blur_kernel_probs: list[float] | None = None,
+        blur_sigma_x_range: list[float] | None = None,
+        blur_sigma_y_range: list[float] | None = None,
+        blur_rotation_range: list[float] | None = None,
+        blur_beta_gaussian_range: list[float] | None = None,
+        blur_beta_plateau_range: list[float] | None = None,
+        noise_types: list[str] | None = None,
+        noise_probs: list[float] | None = None,
+        noise_gaussian_sigma_range: list[float] | None = None,
+        noise_gaussian_gray_prob: float = 0.4,
+        noise_poisson_scale_range: list[float] | None = None,
+        noise_poisson_gray_prob: float = 0.4,
+        classifier_dropout: float = 0.0,
+        initializer_range: float = 0.02,
+        **kwargs: Any,
+    ) -> None:
+        for name in RETIRED_FIELDS:
+            if kwargs.pop(name, None) is not None:
+                logger.info("MFMConfig: %r is a training option now; the value in this config is ignored", name)
+        unknown = sorted(k for k in kwargs if k not in _transformers_keys() and not k.startswith("_"))
+        if unknown:
+            logger.warning("MFMConfig: unknown field(s) %s (kept, but no MFM code reads them; a typo?)", unknown)
+        self.backbone_config = _backbone_config(backbone_config)
+        self.image_size = image_size
+        self.num_channels = num_channels
+        self.image_mean = list(IMAGENET_MEAN) if image_mean is None else image_mean
+        self.image_std = list(IMAGENET_STD) if image_std is None else image_std
+        self.corruption = corruption
+        self.mask_radius = mask_radius
+        self.mask_outer_radius = mask_outer_radius
+        self.low_pass_probability = low_pass_probability
+        self.loss_on = loss_on if loss_on is not None else ("masked" if corruption == "mfm" else "all")
+        self.loss_gamma = loss_gamma
+        self.matrix_gamma = matrix_gamma
+        self.patch_factor = patch_factor
+        self.ave_spectrum = ave_spectrum
+        self.with_matrix = with_matrix
+        self.log_matrix = log_matrix
+        self.batch_matrix = batch_matrix
+        self.decoder_depth = decoder_depth
+        self.decoder_hidden_size = decoder_hidden_size
+        self.decoder_num_attention_heads = decoder_num_attention_heads
+        self.sr_factor = sr_factor
         defaults = {
-            "image_mean": list(IMAGENET_MEAN),
-            "image_std": list(IMAGENET_STD),
             "blur_kernel_sizes": [7, 9, 11, 13, 15, 17, 19, 21],
             "blur_kernel_types": list(BLUR_KERNEL_TYPES),
             "blur_kernel_probs": [0.405, 0.225, 0.108, 0.027, 0.108, 0.027, 0.1],
@@ -235,96 +356,155 @@ class MFMConfig(PreTrainedConfig):
             "noise_gaussian_sigma_range": [1.0, 30.0],
             "noise_poisson_scale_range": [0.05, 3.0],
         }
-        for name, value in defaults.items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
-        super().__post_init__(**kwargs)
-        backbone = self.backbone_config
+        given = {
+            "blur_kernel_sizes": blur_kernel_sizes, "blur_kernel_types": blur_kernel_types,
+            "blur_kernel_probs": blur_kernel_probs, "blur_sigma_x_range": blur_sigma_x_range,
+            "blur_sigma_y_range": blur_sigma_y_range, "blur_rotation_range": blur_rotation_range,
+            "blur_beta_gaussian_range": blur_beta_gaussian_range, "blur_beta_plateau_range": blur_beta_plateau_range,
+            "noise_types": noise_types, "noise_probs": noise_probs,
+            "noise_gaussian_sigma_range": noise_gaussian_sigma_range,
+            "noise_poisson_scale_range": noise_poisson_scale_range,
+        }
+        for name, value in given.items():
+            setattr(self, name, defaults[name] if value is None else value)
+        self.noise_gaussian_gray_prob = noise_gaussian_gray_prob
+        self.noise_poisson_gray_prob = noise_poisson_gray_prob
+        self.classifier_dropout = classifier_dropout
+        self.initializer_range = initializer_range
+        super().__init__(**kwargs)
         if self.image_size is None:
-            self.image_size = int(getattr(backbone, "image_size", 224)) if self.is_vit else 224
+            backbone_size = getattr(self.backbone_config, "image_size", 224) if self.is_vit else 224
+            self.image_size = backbone_size if _is_int(backbone_size) else 224
         self._validate()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MFMConfig) and self.to_dict() == other.to_dict()
+
+    __hash__ = None
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
-        backbone = self.backbone_config
-        if backbone.model_type not in SUPPORTED_BACKBONES:
-            raise ValueError(
-                f"backbone_config.model_type must be one of {SUPPORTED_BACKBONES}, got {backbone.model_type!r}"
-            )
-        if not isinstance(self.image_size, int) or self.image_size <= 0:
-            raise ValueError(f"image_size must be a positive integer, got {self.image_size!r}")
-        # position embeddings tie a ViT to its size; CNN configs carry an unused image_size
-        backbone_size = getattr(backbone, "image_size", None) if self.is_vit else None
-        if backbone_size is not None and backbone_size != self.image_size:
-            raise ValueError(
-                f"image_size ({self.image_size}) differs from backbone_config.image_size ({backbone_size}); "
-                "set both to the same value"
-            )
-        if self.num_channels != getattr(backbone, "num_channels", self.num_channels):
-            raise ValueError(
-                f"num_channels ({self.num_channels}) differs from backbone_config.num_channels ({backbone.num_channels})"
-            )
-        if self.image_size % self.encoder_stride:
-            raise ValueError(
-                f"image_size ({self.image_size}) must be divisible by the encoder stride ({self.encoder_stride}) "
-                f"of the {backbone.model_type} backbone"
-            )
+        _integer("num_channels", self.num_channels)
+        _integer("image_size", self.image_size)
+        if self.image_size > MAX_IMAGE_SIZE:
+            raise ValueError(f"image_size must be <= {MAX_IMAGE_SIZE}, got {self.image_size}")
+        self._validate_backbone()
         for name in ("image_mean", "image_std"):
-            values = getattr(self, name)
-            if len(values) != self.num_channels:
-                raise ValueError(f"{name} needs {self.num_channels} values (num_channels), got {values}")
+            _numbers(name, getattr(self, name), self.num_channels)
         if any(s <= 0 for s in self.image_std):
             raise ValueError(f"image_std must be positive, got {self.image_std}")
         if self.corruption not in CORRUPTIONS:
             raise ValueError(f"corruption must be one of {CORRUPTIONS}, got {self.corruption!r}")
-        if self.mask_radius <= 0:
-            raise ValueError(f"mask_radius must be > 0, got {self.mask_radius}")
-        if self.mask_outer_radius is not None and self.mask_outer_radius <= self.mask_radius:
-            raise ValueError(
-                f"mask_outer_radius must be > mask_radius ({self.mask_radius}) or None, got {self.mask_outer_radius}"
-            )
-        _in_range("low_pass_probability", self.low_pass_probability, 0.0, 1.0)
+        _number("mask_radius", self.mask_radius, 0.0, low_open=True)
+        if self.mask_outer_radius is not None:
+            _number("mask_outer_radius", self.mask_outer_radius)
+            if self.mask_outer_radius <= self.mask_radius:
+                raise ValueError(f"mask_outer_radius must be > mask_radius ({self.mask_radius}) or None, "
+                                 f"got {self.mask_outer_radius}")
+        _number("low_pass_probability", self.low_pass_probability, 0.0, 1.0)
         if self.loss_on not in ("masked", "all"):
             raise ValueError(f"loss_on must be 'masked' or 'all', got {self.loss_on!r}")
         if self.loss_on == "masked" and self.corruption != "mfm":
             raise ValueError(f"loss_on='masked' needs corruption='mfm' (a frequency mask); got {self.corruption!r}")
-        if self.loss_gamma <= 0 or self.matrix_gamma <= 0:
-            raise ValueError(f"loss_gamma and matrix_gamma must be > 0, got {self.loss_gamma}, {self.matrix_gamma}")
-        if not isinstance(self.patch_factor, int) or self.patch_factor < 1 or self.image_size % self.patch_factor:
-            raise ValueError(f"patch_factor must be a positive integer dividing image_size, got {self.patch_factor}")
-        if self.decoder_depth < 0:
-            raise ValueError(f"decoder_depth must be >= 0, got {self.decoder_depth}")
+        _number("loss_gamma", self.loss_gamma, 0.0, low_open=True)
+        _number("matrix_gamma", self.matrix_gamma, 0.0, low_open=True)
+        _integer("patch_factor", self.patch_factor)
+        if self.image_size % self.patch_factor:
+            raise ValueError(f"patch_factor must divide image_size ({self.image_size}), got {self.patch_factor}")
+        for name in ("ave_spectrum", "with_matrix", "log_matrix", "batch_matrix"):
+            _boolean(name, getattr(self, name))
+        _integer("decoder_depth", self.decoder_depth, minimum=0)
+        _integer("decoder_hidden_size", self.decoder_hidden_size)
+        _integer("decoder_num_attention_heads", self.decoder_num_attention_heads)
         if self.decoder_depth > 0:
-            if backbone.model_type not in VIT_FAMILY:
+            if not self.is_vit:
                 raise ValueError("decoder_depth > 0 (transformer decoder) needs a beit or vit backbone")
             if self.decoder_hidden_size % self.decoder_num_attention_heads:
                 raise ValueError(
                     f"decoder_hidden_size ({self.decoder_hidden_size}) must be divisible by "
                     f"decoder_num_attention_heads ({self.decoder_num_attention_heads})"
                 )
-        if self.sr_factor < 1 or self.image_size % self.sr_factor:
-            raise ValueError(f"sr_factor must be a positive integer dividing image_size, got {self.sr_factor}")
-        if any(k < 1 or k % 2 == 0 for k in self.blur_kernel_sizes):
-            raise ValueError(f"blur_kernel_sizes must be odd positive integers, got {self.blur_kernel_sizes}")
-        unknown = set(self.blur_kernel_types) - set(BLUR_KERNEL_TYPES)
-        if unknown:
-            raise ValueError(f"blur_kernel_types has unknown kernels {sorted(unknown)}; known: {BLUR_KERNEL_TYPES}")
-        _check_probabilities("blur_kernel_probs", self.blur_kernel_probs, len(self.blur_kernel_types))
-        _check_range_pair("blur_sigma_x_range", self.blur_sigma_x_range, 1e-6)
-        _check_range_pair("blur_sigma_y_range", self.blur_sigma_y_range, 1e-6)
-        _check_range_pair("blur_rotation_range", self.blur_rotation_range)
-        _check_range_pair("blur_beta_gaussian_range", self.blur_beta_gaussian_range, 1e-6)
-        _check_range_pair("blur_beta_plateau_range", self.blur_beta_plateau_range, 1e-6)
-        unknown = set(self.noise_types) - set(NOISE_TYPES)
-        if unknown:
-            raise ValueError(f"noise_types has unknown types {sorted(unknown)}; known: {NOISE_TYPES}")
-        _check_probabilities("noise_probs", self.noise_probs, len(self.noise_types))
-        _check_range_pair("noise_gaussian_sigma_range", self.noise_gaussian_sigma_range, 0.0)
-        _check_range_pair("noise_poisson_scale_range", self.noise_poisson_scale_range, 1e-6)
-        _in_range("noise_gaussian_gray_prob", self.noise_gaussian_gray_prob, 0.0, 1.0)
-        _in_range("noise_poisson_gray_prob", self.noise_poisson_gray_prob, 0.0, 1.0)
-        _in_range("label_smoothing", self.label_smoothing, 0.0, 1.0)
-        _in_range("classifier_dropout", self.classifier_dropout, 0.0, 1.0)
+        if self.corruption == "mfm" and self.low_pass_probability > 0 and not low_pass_removes_something(
+            self.image_size, self.mask_radius, self.mask_outer_radius
+        ):
+            raise ValueError(
+                f"mask_radius ({self.mask_radius}) and mask_outer_radius ({self.mask_outer_radius}) leave nothing for "
+                f"a low-pass filter to remove at image_size {self.image_size} (the farthest frequency is "
+                f"{math.hypot(self.image_size // 2, self.image_size // 2):.1f} from the centre)"
+            )
+        _integer("sr_factor", self.sr_factor)
+        if self.image_size % self.sr_factor:
+            raise ValueError(f"sr_factor must divide image_size ({self.image_size}), got {self.sr_factor}")
+        if not isinstance(self.blur_kernel_sizes, (list, tuple)) or not self.blur_kernel_sizes:
+            raise ValueError(f"blur_kernel_sizes must be a non-empty list of odd integers, "
+                             f"got {self.blur_kernel_sizes!r}")
+        for size in self.blur_kernel_sizes:
+            _integer("blur_kernel_sizes", size)
+            if size % 2 == 0:
+                raise ValueError(f"blur_kernel_sizes must be odd positive integers, got {self.blur_kernel_sizes}")
+        _choices("blur_kernel_types", self.blur_kernel_types, BLUR_KERNEL_TYPES)
+        _probabilities("blur_kernel_probs", self.blur_kernel_probs, len(self.blur_kernel_types))
+        _range_pair("blur_sigma_x_range", self.blur_sigma_x_range, 1e-6)
+        _range_pair("blur_sigma_y_range", self.blur_sigma_y_range, 1e-6)
+        _range_pair("blur_rotation_range", self.blur_rotation_range)
+        _range_pair("blur_beta_gaussian_range", self.blur_beta_gaussian_range, 1e-6)
+        _range_pair("blur_beta_plateau_range", self.blur_beta_plateau_range, 1e-6)
+        _choices("noise_types", self.noise_types, NOISE_TYPES)
+        _probabilities("noise_probs", self.noise_probs, len(self.noise_types))
+        _range_pair("noise_gaussian_sigma_range", self.noise_gaussian_sigma_range, 0.0)
+        _range_pair("noise_poisson_scale_range", self.noise_poisson_scale_range, 1e-6)
+        _number("noise_gaussian_gray_prob", self.noise_gaussian_gray_prob, 0.0, 1.0)
+        _number("noise_poisson_gray_prob", self.noise_poisson_gray_prob, 0.0, 1.0)
+        _number("classifier_dropout", self.classifier_dropout, 0.0, 1.0)
+        _number("initializer_range", self.initializer_range, 0.0, low_open=True)
+        parameters = estimated_parameters(self)
+        if parameters > MAX_PARAMETERS:
+            raise ValueError(
+                f"this config describes a model of about {parameters:.2g} parameters, more than the "
+                f"{MAX_PARAMETERS:.0e} this package builds (num_hidden_layers, hidden sizes, depths or image_size "
+                "out of range?)"
+            )
+
+    def _validate_backbone(self) -> None:
+        backbone = self.backbone_config
+        kind = backbone.model_type
+        if kind not in SUPPORTED_BACKBONES:
+            raise ValueError(f"backbone_config.model_type must be one of {SUPPORTED_BACKBONES}, got {kind!r}")
+        _integer("backbone_config.num_channels", getattr(backbone, "num_channels", self.num_channels))
+        if self.num_channels != getattr(backbone, "num_channels", self.num_channels):
+            raise ValueError(f"num_channels ({self.num_channels}) differs from backbone_config.num_channels "
+                             f"({backbone.num_channels})")
+        if kind in VIT_FAMILY:
+            for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size",
+                         "image_size"):
+                _integer(f"backbone_config.{name}", getattr(backbone, name))
+            if backbone.hidden_size % backbone.num_attention_heads:
+                raise ValueError(
+                    f"backbone_config.hidden_size ({backbone.hidden_size}) must be divisible by "
+                    f"backbone_config.num_attention_heads ({backbone.num_attention_heads})"
+                )
+            # position embeddings tie a ViT to its size; CNN configs carry an unused image_size
+            if backbone.image_size != self.image_size:
+                raise ValueError(
+                    f"image_size ({self.image_size}) differs from backbone_config.image_size ({backbone.image_size}); "
+                    "set both to the same value"
+                )
+        else:
+            depths, widths = getattr(backbone, "depths", None), getattr(backbone, "hidden_sizes", None)
+            for name, values in (("depths", depths), ("hidden_sizes", widths)):
+                if not isinstance(values, (list, tuple)) or not values:
+                    raise ValueError(f"backbone_config.{name} must be a non-empty list of integers, got {values!r}")
+                for value in values:
+                    _integer(f"backbone_config.{name}", value)
+            if len(depths) != len(widths):
+                raise ValueError(f"backbone_config.depths ({depths}) and hidden_sizes ({widths}) differ in length")
+            if kind == "resnet":
+                _integer("backbone_config.embedding_size", backbone.embedding_size)
+        if self.image_size % self.encoder_stride:
+            raise ValueError(
+                f"image_size ({self.image_size}) must be divisible by the encoder stride ({self.encoder_stride}) "
+                f"of the {kind} backbone"
+            )
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -362,7 +542,7 @@ class MFMConfig(PreTrainedConfig):
         """
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
-        kwargs = {k: (dict(v) if isinstance(v, dict) else v) for k, v in PRESETS[name].items()}
+        kwargs = copy.deepcopy(PRESETS[name])
         backbone_overrides = overrides.pop("backbone_overrides", {}) or {}
         kwargs.update(overrides)
         backbone = dict(kwargs["backbone_config"])
@@ -381,4 +561,21 @@ class MFMConfig(PreTrainedConfig):
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
 
-__all__ = ["PRESETS", "MFMConfig"]
+def _backbone_config(backbone: dict | PreTrainedConfig | None) -> PreTrainedConfig:
+    """The backbone as a transformers config object (a dict names its type with ``model_type``)."""
+    if backbone is None:
+        backbone = beit_backbone(768, 12, 12)
+    if isinstance(backbone, PreTrainedConfig):
+        return backbone
+    if not isinstance(backbone, dict):
+        raise ValueError(f"backbone_config must be a config or a dict, got {type(backbone).__name__}")
+    if "model_type" not in backbone:
+        raise ValueError(f"backbone_config given as a dict needs a 'model_type' (one of {SUPPORTED_BACKBONES})")
+    kwargs = dict(backbone)
+    model_type = kwargs.pop("model_type")
+    if model_type not in SUPPORTED_BACKBONES:
+        raise ValueError(f"backbone_config.model_type must be one of {SUPPORTED_BACKBONES}, got {model_type!r}")
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+__all__ = ["MAX_IMAGE_SIZE", "MAX_PARAMETERS", "PRESETS", "MFMConfig"]

@@ -242,7 +242,7 @@ class FrequencyLoss(nn.Module):
 
 
 def masked_frequency_loss(loss: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """The official "masked" reduction: mean of ``loss`` over the removed frequencies only.
+    """The official "masked" reduction: mean of ``loss`` over the removed frequencies only (0 when none is removed).
 
     ``sum(loss * (1 - keep)) / sum(1 - keep) / C / P`` with ``loss`` (B, P, C, H, W) and ``keep`` (B, H, W) or
     (B, 1, H, W); both sums run over the whole batch. With ``patch_factor > 1`` (which the official code does not
@@ -264,4 +264,7 @@ def masked_frequency_loss(loss: torch.Tensor, keep: torch.Tensor) -> torch.Tenso
         top, left = full_h // 2 - (height // 2) * pf, full_w // 2 - (width // 2) * pf
         keep = keep[:, top::pf, left::pf][:, :height, :width]
     removed = 1.0 - keep.float()
-    return (loss * removed[:, None, None]).sum() / removed.sum() / channels / patches
+    # a mask that removes nothing leaves nothing to score: 0 / tiny = 0 (and zero gradients) instead of 0 / 0 = NaN;
+    # any mask that removes a frequency divides by its count, as the official code
+    count = removed.sum().clamp_min(torch.finfo(torch.float32).tiny)
+    return (loss * removed[:, None, None]).sum() / count / channels / patches

@@ -86,9 +86,9 @@ def test_preset_overrides_reach_the_backbone():
         (dict(low_pass_probability=-0.1), "low_pass_probability"),
         (dict(corruption="jpeg"), "corruption must be one of"),
         (dict(loss_on="some"), "loss_on must be"),
-        (dict(corruption="sr"), "loss_on='masked' needs corruption='mfm'"),
+        (dict(corruption="sr", loss_on="masked"), "loss_on='masked' needs corruption='mfm'"),
         (dict(patch_factor=3), "patch_factor"),
-        (dict(image_mean=[0.5, 0.5]), "image_mean needs 3 values"),
+        (dict(image_mean=[0.5, 0.5]), "image_mean must be a list of 3 numbers"),
         (dict(image_std=[0.2, 0.0, 0.2]), "image_std must be positive"),
         (dict(backbone_config={"model_type": "bert"}), "backbone_config.model_type must be one of"),
         (dict(backbone_config={"hidden_size": 8}), "needs a 'model_type'"),
@@ -100,11 +100,10 @@ def test_preset_overrides_reach_the_backbone():
         (dict(sr_factor=5), "sr_factor"),
         (dict(blur_kernel_sizes=[8]), "odd"),
         (dict(blur_kernel_probs=[1.0]), "blur_kernel_probs"),
-        (dict(blur_kernel_types=["box"], blur_kernel_probs=[1.0]), "unknown kernels"),
+        (dict(blur_kernel_types=["box"], blur_kernel_probs=[1.0]), "blur_kernel_types has unknown entries"),
         (dict(blur_sigma_x_range=[3.0, 0.2]), "blur_sigma_x_range"),
         (dict(noise_probs=[0.7, 0.7]), "noise_probs"),
         (dict(noise_gaussian_gray_prob=2.0), "noise_gaussian_gray_prob"),
-        (dict(label_smoothing=1.5), "label_smoothing"),
     ],
 )
 def test_validation_names_the_field(kwargs, match):
@@ -136,3 +135,67 @@ def test_round_trips(tmp_path):
 
     auto = AutoConfig.from_pretrained(tmp_path)
     assert isinstance(auto, MFMConfig) and comparable(auto) == comparable(config)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(mask_radius="16"), r"mask_radius must be a number, got '16' \(str\)"),
+        (dict(low_pass_probability=True), "low_pass_probability must be a number"),
+        (dict(with_matrix="no"), r"with_matrix must be true or false, got 'no'"),
+        (dict(mask_radius=float("nan")), "mask_radius must be finite"),
+        (dict(mask_outer_radius=float("inf")), "mask_outer_radius must be finite"),
+        (dict(loss_gamma=float("nan")), "loss_gamma must be finite"),
+        (dict(image_mean=[0.5, float("nan"), 0.5]), "image_mean must be finite"),
+        (dict(patch_factor=0), "patch_factor must be >= 1"),
+        (dict(sr_factor=2.0), "sr_factor must be an integer"),
+        (dict(decoder_hidden_size=0), "decoder_hidden_size must be >= 1"),
+        (dict(backbone_config={"model_type": "beit", "patch_size": 0}), "backbone_config.patch_size must be >= 1"),
+        (dict(backbone_config={"model_type": "beit", "hidden_size": 0}), "backbone_config.hidden_size must be >= 1"),
+        (dict(backbone_config={"model_type": "beit", "hidden_size": 100, "num_attention_heads": 3}),
+         r"backbone_config.hidden_size \(100\) must be divisible by backbone_config.num_attention_heads \(3\)"),
+        (dict(backbone_config={"model_type": "resnet", "depths": [1, 0, 1, 1]}, image_size=64),
+         "backbone_config.depths must be >= 1"),
+        (dict(mask_radius=200), "leave nothing for a low-pass filter to remove at image_size 224"),
+        (dict(mask_radius=1.1, mask_outer_radius=1.2), "leave nothing"),  # no frequency between the two radii
+        (dict(image_size=2**15, backbone_config={"model_type": "resnet"}), "image_size must be <= 16384"),
+        (dict(noise_types="gaussian"), "noise_types must be a non-empty list"),
+    ],
+)
+def test_every_field_is_checked_with_a_value_error_naming_it(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MFMConfig(**kwargs)
+
+
+def test_loss_on_follows_the_corruption():
+    assert MFMConfig().loss_on == "masked"
+    for pretext in ("sr", "deblur", "denoise"):
+        assert MFMConfig(corruption=pretext).loss_on == "all"
+    assert MFMConfig(loss_on="all").loss_on == "all"  # MFM with the plain mean, as asked
+
+
+def test_unknown_keys_are_named_and_transformers_keys_are_not(caplog):
+    with caplog.at_level("WARNING", logger="modeling_mfm.configuration_mfm"):
+        config = MFMConfig(mask_raduis=3, num_labels=4, output_hidden_states=True, torch_dtype="float32")
+    assert [r.getMessage() for r in caplog.records] == [
+        "MFMConfig: unknown field(s) ['mask_raduis'] (kept, but no MFM code reads them; a typo?)"]
+    assert config.num_labels == 4 and config.mask_radius == 16
+
+
+def test_an_absurd_config_json_fails_fast_and_an_old_one_still_loads(tmp_path):
+    import json
+    import time
+
+    path = tmp_path / "config.json"
+    config = MFMConfig.from_preset("mfm-vit-base").to_dict()
+    config["backbone_config"]["num_hidden_layers"] = 10**6
+    path.write_text(json.dumps(config))
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"about 7.1e\+12 parameters"):
+        MFMConfig.from_pretrained(tmp_path)
+    assert time.perf_counter() - start < 5
+    old = MFMConfig.from_preset("mfm-vit-base").to_dict()
+    old.update(label_smoothing=0.1, loss_on="masked")  # written by an older release: smoothing in the model config
+    path.write_text(json.dumps(old))
+    loaded = MFMConfig.from_pretrained(tmp_path)
+    assert not hasattr(loaded, "label_smoothing") and loaded.loss_on == "masked"

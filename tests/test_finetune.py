@@ -94,7 +94,7 @@ def test_transforms_shapes_and_official_mapping():
     out = evaluation(image)
     assert out.shape == (3, 32, 32)
     torch.testing.assert_close(out[:, 0, 0], (torch.tensor([120, 30, 200]) / 255 - torch.tensor(mean)) / torch.tensor(std))
-    assert build_eval_transform(224, mean, std).transforms[0].size == [256]
+    assert next(t for t in build_eval_transform(224, mean, std).transforms if isinstance(t, T.Resize)).size == [256]
     train = build_train_transform(32, mean, std)
     rand_augment = next(t for t in train.transforms if isinstance(t, T.RandAugment))
     assert (rand_augment.num_ops, rand_augment.magnitude, rand_augment.num_magnitude_bins) == (2, 9, 11)
@@ -174,7 +174,7 @@ def test_arguments_take_the_recipe_defaults_and_check_values():
 # ---------------------------------------------------------------------------------------------------- scripts
 def test_run_finetune_end_to_end_resume_and_push(folders, pretrained, tmp_path):
     full, split = tmp_path / "full", tmp_path / "split"
-    base = ["--model_name_or_path", str(pretrained), "--num_train_epochs", "2"]
+    base = ["--model_name_or_path", str(pretrained), "--num_train_epochs", "2", "--crop_pct", "0.95"]
     run_script("run_finetune.py", base + common_args(folders, tmp_path, full) + [
         "--push_to_hub", "--hub_model_id", "someone/tiny-mfm", "--hub_local_dir", str(tmp_path / "hub"),
         "--report_to", "tensorboard"], tmp_path)
@@ -186,9 +186,12 @@ def test_run_finetune_end_to_end_resume_and_push(folders, pretrained, tmp_path):
     best = max(results["history"], key=lambda r: r["top1"])
     assert results["best_top1"] == best["top1"]
 
-    # the best model is a loadable classifier with the dataset's class names
+    # the best model is a loadable classifier with the dataset's class names, and its processor is the run's
+    # evaluation transform
     model = MFMForImageClassification.from_pretrained(full)
     assert model.config.id2label == dict(enumerate(LABELS))
+    processor = json.loads((full / "preprocessor_config.json").read_text())
+    assert processor["size"] == {"shortest_edge": 33} and processor["crop_size"] == {"height": 32, "width": 32}
     # model card with a model-index of the best accuracy
     card = (full / "README.md").read_text()
     assert "model-index:" in card and "name: top-1" in card and f"value: {round(best['top1'], 3)}" in card

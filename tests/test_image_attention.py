@@ -10,7 +10,8 @@ from conftest import tiny_config
 from transformers import AutoModel
 
 from modeling_mfm import MFMForPreTraining, MFMModel
-from modeling_mfm.image_attention import IMAGE_SDPA, image_attention_implementation
+from modeling_mfm.fast_paths import apply_fast_paths
+from modeling_mfm.fast_paths.image_attention import IMAGE_SDPA, image_attention_implementation
 
 
 @pytest.fixture
@@ -45,8 +46,10 @@ def test_encoder_attention_has_no_mask_when_exporting_is_reported(backbone, expo
     assert attention_masks and all(mask is not None for mask in attention_masks)
     attention_masks.clear()
     # ...ours does not, and computes the same features
-    model = MFMModel(config).eval()
+    model = MFMModel(config, add_pooling_layer=False).eval()  # as pre-trained: final LayerNorm included
+    apply_fast_paths(model)
     assert model.backbone.config._attn_implementation == IMAGE_SDPA
+    assert config.backbone_config._attn_implementation in (None, "sdpa")  # a private copy: the caller's is untouched
     model.backbone.load_state_dict(stock.state_dict(), strict=False)
     with torch.no_grad():
         ours = model(images).last_hidden_state
@@ -67,6 +70,7 @@ def test_compiled_graph_calls_sdpa_without_a_mask(exporting_reported):
         return graph_module.forward
 
     model = MFMForPreTraining(tiny_config("beit", decoder_depth=1, decoder_hidden_size=32, decoder_num_attention_heads=2)).train()
+    apply_fast_paths(model)
     torch._dynamo.reset()
     try:
         torch.compile(model, backend=capture)(pixel_values=torch.randn(2, 3, 32, 32)).loss.backward()
@@ -81,4 +85,5 @@ def test_other_implementations_are_kept():
     assert image_attention_implementation(None) == IMAGE_SDPA
     assert image_attention_implementation("eager") == "eager"
     model = MFMForPreTraining._from_config(tiny_config("beit"), attn_implementation="eager")
+    apply_fast_paths(model)
     assert model.mfm.backbone.config._attn_implementation == "eager"

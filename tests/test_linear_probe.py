@@ -68,14 +68,16 @@ def test_linear_probe_head_and_training():
 
 
 @pytest.mark.parametrize("backbone", ["beit", "convnext"])
-def test_pooled_features(backbone):
-    encoder = MFMModel(tiny_config(backbone), add_pooling_layer=False).eval()
+def test_pooled_features_are_the_encoders_pooler_output(backbone):
+    encoder = MFMModel(tiny_config(backbone)).eval()  # what load_encoder and AutoModel build
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        hidden = encoder(images).last_hidden_state
+        outputs = encoder(images)
         pooled = pool_features(encoder, images)
+    torch.testing.assert_close(pooled, outputs.pooler_output, atol=0, rtol=0)
+    hidden = outputs.last_hidden_state
     if backbone == "beit":
-        torch.testing.assert_close(pooled, hidden[:, 1:].mean(1))
+        torch.testing.assert_close(pooled, encoder.fc_norm(hidden[:, 1:].mean(1)))
         torch.testing.assert_close(pool_features(encoder, images, "cls"), hidden[:, 0])
     else:
         torch.testing.assert_close(pooled, encoder.backbone.layernorm(hidden.mean((-2, -1))))

@@ -14,8 +14,8 @@ from conftest import tiny_config
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from modeling_mfm import MFMForPreTraining
 from modeling_mfm.training.device_decoding import DeviceDecodeTransform, collate_encoded_batches, decode_batch
+from modeling_mfm.training.model_factory import build_model
 from modeling_mfm.training.step_statistics import StepStatistics
 from modeling_mfm.training.transforms import PretrainTransform, normalize_on_device
 
@@ -60,14 +60,16 @@ def test_the_probe_sees_reads_and_data_dependent_shapes():
 
 
 @pytest.mark.parametrize("backbone", ["beit", "vit", "resnet", "convnext"])
-@pytest.mark.parametrize("corruption", ["mfm", "sr", "deblur", "denoise"])
-def test_training_step_has_no_synchronisation(backbone, corruption):
+@pytest.mark.parametrize("corruption,fast_paths", [
+    ("mfm", True), ("sr", True), ("deblur", True), ("denoise", True), ("mfm", False),  # with and without fast paths
+])
+def test_training_step_has_no_synchronisation(backbone, corruption, fast_paths):
     """Normalisation on the device, mask or degradation drawn on the device, forward, frequency loss, backward,
     gradient clipping and the step's statistics, as the pre-training loop runs them. (The optimizer is left out:
     on CUDA the loop uses fused AdamW, which keeps its step counts on the device; the CPU's AdamW does not.)"""
-    extra = {} if corruption == "mfm" else {"corruption": corruption, "loss_on": "all"}
+    extra = {} if corruption == "mfm" else {"corruption": corruption}
     config = tiny_config(backbone, **extra)
-    model = MFMForPreTraining(config).train()
+    model = build_model(config, fast_paths=fast_paths).train()  # as pre-training builds it
     statistics = StepStatistics(torch.device("cpu"))
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     with SynchronisationProbe() as probe:

@@ -10,12 +10,8 @@ from conftest import tiny_config
 from torch import nn
 
 from modeling_mfm import MFMForPreTraining
-from modeling_mfm.patch_linear import (
-    PatchEmbeddingProjection,
-    project_and_shuffle,
-    use_convolution_patch_projection,
-    use_gemm_patch_projection,
-)
+from modeling_mfm.fast_paths import apply_fast_paths
+from modeling_mfm.fast_paths.patch_linear import PatchEmbeddingProjection, PointwiseProjection
 
 
 @pytest.mark.parametrize("kernel,size", [((8, 8), (32, 32)), ((4, 8), (37, 45))])
@@ -47,36 +43,49 @@ def test_patch_projection_refuses_overlapping_convolutions_and_wrong_channels():
         projection(torch.randn(1, 1, 16, 16))
 
 
-def test_project_and_shuffle_is_a_1x1_convolution_then_pixel_shuffle():
+def test_pointwise_projection_then_pixel_shuffle_is_the_decoder_head():
     torch.manual_seed(0)
     stride, channels = 4, 3
     convolution = nn.Conv2d(10, stride**2 * channels, kernel_size=1).double()
-    feature_map = torch.randn(2, 10, 5, 7, dtype=torch.float64)
+    projection = PointwiseProjection.from_conv(convolution)
+    assert projection.weight is convolution.weight and projection.bias is convolution.bias
+    channel_last = torch.randn(2, 5, 7, 10, dtype=torch.float64)  # what the MFM decoders hand the projection
+    feature_map = channel_last.permute(0, 3, 1, 2)
     expected = F.pixel_shuffle(convolution(feature_map), stride)
-    actual = project_and_shuffle(feature_map.permute(0, 2, 3, 1), convolution, stride)
+    actual = F.pixel_shuffle(projection(feature_map), stride)
     assert actual.shape == expected.shape == (2, channels, 20, 28)
     torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="not a 1x1 convolution"):
+        PointwiseProjection.from_conv(nn.Conv2d(10, 8, 2, stride=2))
 
 
 @pytest.mark.parametrize("backbone", ["beit", "vit"])
-def test_vit_models_embed_patches_with_a_gemm_and_keep_the_checkpoint_layout(backbone):
+def test_fast_paths_embed_patches_with_a_gemm_and_keep_the_checkpoint_layout(backbone):
     model = MFMForPreTraining(tiny_config(backbone))
-    projection = model.mfm.backbone.embeddings.patch_embeddings.projection
-    assert isinstance(projection, PatchEmbeddingProjection)
-    state = model.state_dict()
-    assert state["mfm.backbone.embeddings.patch_embeddings.projection.weight"].shape == (32, 3, 8, 8)
-    assert state["decoder.projection.weight"].shape == (8 * 8 * 3, 32, 1, 1)
-    assert not use_gemm_patch_projection(model.mfm.backbone)  # already swapped
+    patch_embeddings = model.mfm.backbone.embeddings.patch_embeddings
+    assert type(patch_embeddings.projection) is nn.Conv2d  # the model itself is stock
     images = torch.randn(2, 3, 32, 32)
+    state = model.state_dict()
     with torch.no_grad():
-        gemm = model.mfm(images).last_hidden_state
-        assert use_convolution_patch_projection(model.mfm.backbone)
-        assert type(model.mfm.backbone.embeddings.patch_embeddings.projection) is nn.Conv2d
-        assert not use_convolution_patch_projection(model.mfm.backbone)
-        torch.testing.assert_close(model.mfm(images).last_hidden_state, gemm, rtol=1e-5, atol=1e-5)
+        stock = model.mfm(images).last_hidden_state
+        stock_reconstruction = model(images, frequency_mask=torch.ones(2, 32, 32)).reconstruction
+        fast = apply_fast_paths(model)
+        assert isinstance(patch_embeddings.projection, PatchEmbeddingProjection)
+        assert isinstance(model.decoder.projection, PointwiseProjection)
+        assert fast.switched["patch_gemm"] == 1 and fast.switched["decoder_gemm"] == 1
         assert model.state_dict().keys() == state.keys()
+        assert model.state_dict()["mfm.backbone.embeddings.patch_embeddings.projection.weight"].shape == (32, 3, 8, 8)
+        assert model.state_dict()["decoder.projection.weight"].shape == (8 * 8 * 3, 32, 1, 1)
+        torch.testing.assert_close(model.mfm(images).last_hidden_state, stock, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(images, frequency_mask=torch.ones(2, 32, 32)).reconstruction,
+                                   stock_reconstruction, rtol=1e-5, atol=1e-5)
+        fast.remove()
+        assert type(patch_embeddings.projection) is nn.Conv2d and type(model.decoder.projection) is nn.Conv2d
+        torch.testing.assert_close(model.mfm(images).last_hidden_state, stock, rtol=0, atol=0)
     resnet = MFMForPreTraining(tiny_config("resnet"))
+    apply_fast_paths(resnet)
     assert not any(isinstance(m, PatchEmbeddingProjection) for m in resnet.modules())
+    assert isinstance(resnet.decoder.projection, PointwiseProjection)
 
 
 def test_patch_projection_runs_in_the_autocast_dtype_like_the_convolution():

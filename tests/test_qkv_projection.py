@@ -12,13 +12,13 @@ from transformers import BeitConfig, BeitModel, ViTConfig
 from transformers.models.beit.modeling_beit import BeitAttention
 from transformers.models.vit.modeling_vit import ViTAttention
 
-from modeling_mfm import MFMForPreTraining, MFMModel, qkv_projection
-from modeling_mfm.qkv_projection import (
-    FusedQKVBeitAttention,
-    FusedQKVViTAttention,
-    use_fused_qkv_projection,
-    use_separate_qkv_projections,
-)
+from modeling_mfm import MFMForPreTraining, MFMModel
+from modeling_mfm.fast_paths import apply_fast_paths, image_attention, qkv_projection
+from modeling_mfm.fast_paths.qkv_projection import fuse_qkv_projections
+
+
+def is_fused(module: torch.nn.Module) -> bool:
+    return type(module).__name__ in ("FusedQKVBeitAttention", "FusedQKVViTAttention")
 
 
 @pytest.fixture
@@ -53,8 +53,7 @@ def make_attention(kind: str, implementation: str, qkv_bias: bool) -> torch.nn.M
 @pytest.mark.parametrize("implementation", ["eager", "sdpa", "mfm_image_sdpa"])
 @pytest.mark.parametrize("kind,qkv_bias", [("beit", True), ("vit", True), ("vit", False)])
 def test_fused_projection_is_the_attention_with_its_gradients(kind, qkv_bias, implementation, fused_on_cpu):
-    import modeling_mfm.image_attention  # noqa: F401 -- registers mfm_image_sdpa
-
+    image_attention.register()  # mfm_image_sdpa
     torch.manual_seed(0)
     attention = make_attention(kind, implementation, qkv_bias)
     assert (attention.k_proj.bias is None) == (kind == "beit" or not qkv_bias)
@@ -66,8 +65,9 @@ def test_fused_projection_is_the_attention_with_its_gradients(kind, qkv_bias, im
     expected_grads = torch.autograd.grad((expected * upstream).sum(), parameters)
     separate = attention(hidden)[0]
 
-    assert use_fused_qkv_projection(attention) == 1
-    assert type(attention) is (FusedQKVBeitAttention if kind == "beit" else FusedQKVViTAttention)
+    count, undo = fuse_qkv_projections(attention)
+    assert count == 1 and is_fused(attention)
+    assert type(attention).__bases__ == ((BeitAttention,) if kind == "beit" else (ViTAttention,))
     assert list(attention.parameters()) == parameters  # the same tensors, nothing re-created
     actual, weights = attention(hidden)
     torch.testing.assert_close(actual, expected, rtol=tolerance, atol=tolerance)
@@ -78,7 +78,7 @@ def test_fused_projection_is_the_attention_with_its_gradients(kind, qkv_bias, im
         assert weights.shape == (2, 3, 5, 5)
         torch.testing.assert_close(weights.sum(-1), torch.ones(2, 3, 5, dtype=torch.float64))
 
-    assert use_separate_qkv_projections(attention) == 1
+    undo()
     assert type(attention) in (BeitAttention, ViTAttention)
     torch.testing.assert_close(attention(hidden)[0], separate, rtol=1e-12, atol=1e-12)
 
@@ -87,9 +87,10 @@ def test_fused_projection_is_the_attention_with_its_gradients(kind, qkv_bias, im
 def test_mfm_encoders_use_the_fused_projection_with_transformers_parameter_names(backbone):
     config = tiny_config(backbone)
     config._attn_implementation = "eager"  # SDPA returns no attention probabilities
-    model = MFMModel(config)
+    model = MFMModel(config, add_pooling_layer=False)  # the encoder as pre-trained (final LayerNorm included)
+    apply_fast_paths(model)
     attentions = [m for m in model.modules() if isinstance(m, (BeitAttention, ViTAttention))]
-    assert attentions and all(type(m) in (FusedQKVBeitAttention, FusedQKVViTAttention) for m in attentions)
+    assert attentions and all(is_fused(m) for m in attentions)
     native = {name.removeprefix("backbone.") for name in model.state_dict() if name.startswith("backbone.")}
     if backbone == "beit":
         reference = BeitModel(BeitConfig(**config.backbone_config.to_dict()), add_pooling_layer=False)
@@ -101,11 +102,11 @@ def test_mfm_encoders_use_the_fused_projection_with_transformers_parameter_names
     assert outputs.attentions[0].shape == (2, config.backbone_config.num_attention_heads, tokens, tokens)
 
 
-def test_transformer_decoder_fused_and_plain_baseline_separate():
+def test_the_model_and_the_plain_baseline_are_stock():
     model = MFMForPreTraining(tiny_config(decoder_depth=1))
-    assert type(model.decoder.layers[0].attention) is FusedQKVBeitAttention
+    assert not any(is_fused(m) for m in model.modules())
     plain = plain_model(tiny_config())
-    assert not any(type(m) in (FusedQKVBeitAttention, FusedQKVViTAttention) for m in plain.modules())
+    assert not any(is_fused(m) for m in plain.modules())
 
 
 def test_pretraining_loss_is_unchanged_by_the_fusion(fused_on_cpu):
@@ -113,9 +114,9 @@ def test_pretraining_loss_is_unchanged_by_the_fusion(fused_on_cpu):
     model = MFMForPreTraining(tiny_config(decoder_depth=1)).double().eval()
     pixels = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     mask = model(pixel_values=pixels).frequency_mask
-    fused = model(pixel_values=pixels, frequency_mask=mask).loss
-    use_separate_qkv_projections(model)
     separate = model(pixel_values=pixels, frequency_mask=mask).loss
+    apply_fast_paths(model)
+    fused = model(pixel_values=pixels, frequency_mask=mask).loss
     torch.testing.assert_close(fused, separate, rtol=1e-12, atol=1e-12)
 
 
@@ -139,7 +140,7 @@ class LinearShapes(TorchFunctionMode):
 def test_only_the_listed_devices_take_the_fused_gemm(monkeypatch, fused_devices, expected_shapes):
     monkeypatch.setattr(qkv_projection, "FUSED_DEVICE_TYPES", fused_devices)
     attention = make_attention("vit", "sdpa", qkv_bias=True)
-    use_fused_qkv_projection(attention)
+    fuse_qkv_projections(attention)
     with LinearShapes() as recorded:
         attention(torch.randn(1, 4, 24, dtype=torch.float64))
     assert recorded.shapes == expected_shapes
@@ -151,6 +152,7 @@ def test_fused_encoder_compiles_without_graph_breaks(backbone, fused_on_cpu):
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = MFMForPreTraining(tiny_config(backbone, decoder_depth=1)).train()
+    apply_fast_paths(model)
     pixels = torch.randn(2, 3, 32, 32)
     explanation = torch._dynamo.explain(model)(pixels)
     assert explanation.graph_break_count == 0, [r.reason for r in explanation.break_reasons]
@@ -189,7 +191,7 @@ def test_adapted_or_hooked_projections_are_not_bypassed(fused_on_cpu):
     hidden = torch.randn(2, 5, 24, dtype=torch.float64)
     attention.v_proj = LowRankAdapted(attention.v_proj)
     expected = attention_by_hand(attention, hidden)
-    use_fused_qkv_projection(attention)
+    fuse_qkv_projections(attention)
     torch.testing.assert_close(attention(hidden)[0], expected, rtol=1e-10, atol=1e-10)
 
     attention.v_proj = attention.v_proj.base_layer

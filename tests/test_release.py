@@ -31,7 +31,7 @@ def convert_cli(argv: list[str]) -> int:
 GOLDEN_PTH = Path(__file__).parent / "fixtures" / "tiny_vit_p16_official.pth"
 EXPECTED_FILES = {
     "README.md", "config.json", "model.safetensors", "preprocessor_config.json", "configuration_mfm.py",
-    "modeling_mfm.py", "frequency.py", "corruptions.py", "image_attention.py", "patch_linear.py", "qkv_projection.py",
+    "modeling_mfm.py", "frequency.py", "corruptions.py",  # the model's definition: what remote code ships
     "backbone/config.json",
     "backbone/model.safetensors",
     "backbone/preprocessor_config.json",

@@ -133,7 +133,8 @@ def test_single_process_run_writes_model_card_pictures_and_pushes(workspace, in_
     for name, tensor in model.state_dict().items():
         if name in checkpoint:
             assert torch.equal(tensor, checkpoint[name]), name
-    assert json.loads((out / "preprocessor_config.json").read_text())["size"] == {"height": 32, "width": 32}
+    processor = json.loads((out / "preprocessor_config.json").read_text())  # the evaluation transform at 32 px
+    assert processor["crop_size"] == {"height": 32, "width": 32} and processor["size"] == {"shortest_edge": 36}
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
     pictures = sorted(p.name for p in (out / "reconstructions").iterdir())
     assert pictures == ["step-0000000.png", "step-0000002.png", "step-0000004.png"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import pytest
@@ -29,7 +30,8 @@ from modeling_mfm.training.model_factory import (
 
 def test_every_config_field_is_a_flag():
     options = {a.dest for a in build_argument_parser()._actions}
-    own_fields = [name for name in MFMConfig.__annotations__ if name != "backbone_config"]
+    own_fields = [name for name in inspect.signature(MFMConfig.__init__).parameters
+                  if name not in ("self", "kwargs", "backbone_config")]
     assert own_fields and set(own_fields) <= options
 
 

@@ -139,7 +139,7 @@ def test_fast_path_agrees_with_the_plain_step(tiny_config_factory, backbone):
     """bf16 autocast + SDPA + a compiled graph against float32 eager attention, the same masks: bf16 tolerance."""
     result = fast_path_agreement(tiny_config_factory(backbone), batch_size=4, mixed_precision="bf16",
                                  torch_compile=True, compile_backend="aot_eager", device="cpu")
-    assert result["loss_plain"] > 0 and result["loss_fast"] != result["loss_plain"]  # bf16 really ran
+    assert result["loss_plain"] > 0 and result["grad_norm_relative_difference"] > 0  # bf16 really ran
     assert result["loss_relative_difference"] < 1e-2
     assert result["grad_norm_relative_difference"] < 2e-2 and result["grad_cosine_similarity"] > 0.999
     exact = fast_path_agreement(tiny_config_factory(backbone), batch_size=4, mixed_precision="no", device="cpu")

@@ -193,9 +193,6 @@ def build_config(
         if arch.num_classes == 1000:
             kwargs["id2label"] = dict(enumerate(imagenet_labels()))
             kwargs["label2id"] = {label: i for i, label in kwargs["id2label"].items()}
-        smoothing = checkpoint.config_value("MODEL.LABEL_SMOOTHING")
-        if smoothing is not None:
-            kwargs["label_smoothing"] = float(smoothing)
     return MFMConfig(**kwargs)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import sys
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -19,6 +18,7 @@ from typing import Any, Literal
 from transformers import HfArgumentParser
 
 from ..configuration_mfm import MFMConfig
+from .model_factory import config_fields
 
 __all__ = [
     "COMPILE_MODES",
@@ -201,12 +201,17 @@ class PretrainingArguments:
                           "run faster than Python launches them (ResNet-50 on an H100).", "choices": COMPILE_MODES},
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    fast_paths: bool = field(
+        default=True,
+        metadata={"help": "Apply modeling_mfm.fast_paths (GEMM patch embedding and decoder head, mask-free SDPA, fused "
+                          "QKV on CUDA...; the same function, faster). --no_fast_paths runs the stock model."},
+    )
     bf16_residual_stream: bool = field(
         default=False,
         metadata={"help": "ViT encoders with --mixed_precision bf16: keep the residual stream in bf16 instead of "
                           "float32 (faster: ViT-B/16 compiled on an H100, 2,825 -> 2,983 img/s at batch 128; but it "
                           "departs from the official recipe: in small CPU runs the loss was 0.07-0.32 % higher late in "
-                          "training and the linear probe 0.5-2.5 points lower; see the README)."},
+                          "training and the linear probe 0.5-2.5 points lower; see docs/performance.md)."},
     )
     cudnn_benchmark: bool = field(
         default=True,
@@ -276,16 +281,9 @@ def _field_help(name: str, docstring: str) -> str:
 def config_override_dataclass() -> type:
     """A dataclass with one optional field per MFMConfig field (except ``backbone_config``), default None meaning
     "keep the model's value"; `HfArgumentParser` turns it into flags such as ``--mask_radius 24``."""
-    # MFMConfig's own annotations only (the base class's refer to torch types the parser has no use for); they are
-    # strings under `from __future__ import annotations`, resolved in the config module's namespace
-    namespace = vars(sys.modules[MFMConfig.__module__])
     docstring = MFMConfig.__doc__ or ""
     fields = []
-    for name, annotation in MFMConfig.__annotations__.items():
-        if name == "backbone_config" or name.startswith("_"):
-            continue
-        if isinstance(annotation, str):
-            annotation = eval(annotation, dict(namespace))  # noqa: S307 - a type expression from our own source
+    for name, annotation in config_fields().items():
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         base = args[0] if args else annotation
         fields.append((name, base | None, field(default=None, metadata={"help": _field_help(name, docstring)})))

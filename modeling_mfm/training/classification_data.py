@@ -20,7 +20,7 @@ Transforms (torchvision ``transforms.v2`` on PIL images):
   remain: no magnitude noise (mstd), posterize keeps 4 bits (timm's increasing variant: 1), and torchvision has an
   Identity op where timm has Invert and SolarizeAdd. Empty areas are filled with the mean colour, as timm does.
 * eval: resize the shorter side to ``floor(size / crop_pct)`` (bicubic; ``crop_pct = 0.875``: 256 for 224) and
-  centre-crop ``size``, then normalise.
+  centre-crop ``size``, then normalise: the checkpoint's saved image processor, on the same uint8 tensors.
 
 Augmentations are indexed: the random draws of sample ``i`` in epoch ``e`` come from torch's RNG seeded with
 ``(seed, e, i)`` (`ClassificationDataset.set_epoch`), so a sample looks the same with any number of workers or
@@ -46,6 +46,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as TF
 
 from .data import find_image_column, find_label_column, open_image
 from .data_files import absolute_image_paths, load_data_files
@@ -64,6 +65,7 @@ __all__ = [
     "build_eval_transform",
     "build_train_transform",
     "collate_classification",
+    "eval_transform_from_processor",
     "find_label_column",
     "load_classification_dataset",
     "parse_rand_augment",
@@ -213,20 +215,56 @@ def build_train_transform(
 def build_eval_transform(
     image_size: int, mean: Sequence[float], std: Sequence[float], crop_pct: float = 0.875
 ) -> Callable[[Any], torch.Tensor]:
-    """Resize the shorter side to ``floor(size / crop_pct)`` (bicubic), centre-crop ``size``, normalise."""
+    """The evaluation transform of an RGB PIL image: resize the shorter side to ``floor(size / crop_pct)`` (bicubic,
+    antialiased), centre-crop ``size``, scale to [0, 1], normalise. It runs on the uint8 tensor, as the image
+    processor a checkpoint saves (`modeling_mfm.build_image_processor`, torchvision backend) does, so that the
+    scripts and the transformers pipelines see the same pixels (tested)."""
     _check_size(image_size)
     if not 0.0 < crop_pct <= 1.0:
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
-    resize = math.floor(image_size / crop_pct)
+    return _resize_and_crop(image_size, math.floor(image_size / crop_pct), mean, std)
+
+
+class _CentreCrop:
+    """A centre crop that rounds the offsets down, as transformers' image processors do (torchvision's
+    ``CenterCrop`` rounds half to even: one pixel apart when the margin is odd)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        return TF.crop(image, (height - self.size) // 2, (width - self.size) // 2, self.size, self.size)
+
+
+def _resize_and_crop(
+    image_size: int, resize: int, mean: Sequence[float], std: Sequence[float]
+) -> Callable[[Any], torch.Tensor]:
     return T.Compose(
         [
+            T.PILToTensor(),
             T.Resize(resize, interpolation=InterpolationMode.BICUBIC, antialias=True),
-            T.CenterCrop(image_size),
-            T.ToImage(),
+            _CentreCrop(image_size),
             T.ToDtype(torch.float32, scale=True),
             T.Normalize(list(mean), list(std)),
         ]
     )
+
+
+def eval_transform_from_processor(processor: Any, crop_pct: float | None = None) -> Callable[[Any], torch.Tensor]:
+    """`build_eval_transform` with the crop size, crop ratio, mean and std of a saved image processor (a
+    ``BitImageProcessor`` as MFM checkpoints save, or a processor that only resizes to a square, as older ones did);
+    ``crop_pct`` overrides the ratio (ImageNet-C images are already centre crops: 1.0)."""
+    size = dict(getattr(processor, "size", None) or {})
+    crop = dict(getattr(processor, "crop_size", None) or {}) if getattr(processor, "do_center_crop", False) else {}
+    image_size = crop.get("height") or size.get("height") or size.get("shortest_edge")
+    if not image_size:
+        raise ValueError(f"cannot read an image size from the processor's size {size} and crop_size {crop}")
+    mean, std = list(processor.image_mean), list(processor.image_std)
+    if crop_pct is not None:
+        return build_eval_transform(int(image_size), mean, std, crop_pct)
+    resize = size["shortest_edge"] if crop and size.get("shortest_edge") else image_size
+    return _resize_and_crop(int(image_size), int(resize), mean, std)
 
 
 # ---------------------------------------------------------------------------------------------------- datasets

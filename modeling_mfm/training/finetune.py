@@ -39,6 +39,8 @@ from tqdm.auto import tqdm
 
 from ..conversion.hub import check_repo_id, publish_folder
 from ..conversion.model_card import render_model_card
+from ..fast_paths import apply_fast_paths
+from ..modeling_mfm import build_image_processor
 from .checkpointing import save_checkpoint
 from .classification_data import (
     ClassificationDataArguments,
@@ -118,13 +120,13 @@ class FinetuneArguments(ClassificationDataArguments):
                           '{"patch_size": 4}}\'.'},
     )
     recipe: str = field(default="vit", metadata={"help": "Defaults to use: 'vit' (official ViT) or 'resnet'."})
-    mean_pooling: bool = field(
-        default=True,
-        metadata={"help": "BEiT encoders: drop the final LayerNorm, classify fc_norm(mean of patch tokens) "
-                          "(official). --no_mean_pooling keeps the pre-trained final norm."},
-    )
     drop_path_rate: float | None = field(default=None, metadata={"help": "Stochastic depth (vit recipe: 0.1)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    fast_paths: bool = field(
+        default=True,
+        metadata={"help": "Apply modeling_mfm.fast_paths (the same function, faster); --no_fast_paths runs the "
+                          "stock model."},
+    )
     cudnn_benchmark: bool = field(
         default=True,
         metadata={"help": "On CUDA, let cuDNN time its convolution algorithms per input shape and keep the fastest "
@@ -379,10 +381,12 @@ def _finetune(args: FinetuneArguments, accelerator: Accelerator) -> dict[str, An
     overrides = json.loads(args.config_overrides) if args.config_overrides else None
     model = load_classifier(
         model_name_or_path=args.model_name_or_path, preset=args.preset, num_labels=len(data.labels),
-        id2label=data.id2label, config_overrides=overrides, mean_pooling=args.mean_pooling,
+        id2label=data.id2label, config_overrides=overrides,
         drop_path_rate=args.drop_path_rate, cache_dir=args.cache_dir,
     )
     config = model.config
+    if args.fast_paths:
+        apply_fast_paths(model)
     model.to(memory_format=preferred_memory_format(config, accelerator.device))  # CNNs: channels_last
     eval_set = ClassificationDataset(
         eval_rows, data.image_column, data.label_column,
@@ -406,6 +410,8 @@ def _finetune(args: FinetuneArguments, accelerator: Accelerator) -> dict[str, An
             _write_json(output_dir / "eval_results.json", results)
         return results
 
+    if accelerator.is_main_process:  # the saved model's processor: this run's evaluation transform
+        build_image_processor(config, crop_pct=args.crop_pct).save_pretrained(output_dir)
     if args.gradient_checkpointing:
         enable_activation_checkpointing(model)
     train_set = ClassificationDataset(
@@ -490,7 +496,7 @@ def _finetune(args: FinetuneArguments, accelerator: Accelerator) -> dict[str, An
         "warmup steps": warmup_steps, "mixup / cutmix": f"{args.mixup} / {args.cutmix}",
         "label smoothing": args.label_smoothing, "auto augment": args.auto_augment or "none",
         "crop scale": f"{args.crop_min_scale}-1", "dataset on device": args.dataset_on_device,
-        "random erasing": args.random_erasing, "mean pooling": args.mean_pooling, "image size": config.image_size,
+        "random erasing": args.random_erasing, "image size": config.image_size,
         "mixed precision": precision,
     }
     accelerator.init_trackers(args.project_name, config=_plain_config(args, {"total_steps": total_steps, "lr": lr}))

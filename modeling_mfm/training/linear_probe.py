@@ -3,9 +3,11 @@
 Both judge a pre-training run without fine-tuning it. Features are computed once, in eval mode, from the evaluation
 transform (resize + centre crop) of every training and validation image:
 
-* ViT / BEiT encoders: the mean of the patch tokens of the last layer (after the encoder's final LayerNorm), or the
-  CLS token with ``pooling="cls"``; ResNet / ConvNeXt: global average pooling of the last feature map (ConvNeXt
-  then applies its final LayerNorm, as its classification head does).
+* the encoder's ``pooler_output`` (`MFMModel`, as ``AutoModel`` and the classifier see it): for ViT / BEiT the
+  LayerNorm of the mean patch token (BEiT without its pre-trained final LayerNorm, as in the official fine-tuning;
+  the pooling LayerNorm of a pre-training checkpoint starts as the identity), for ResNet / ConvNeXt global average
+  pooling (ConvNeXt then applies its final LayerNorm). ``pooling="cls"`` reads the CLS token of
+  ``last_hidden_state`` instead (ViTs).
 * Linear probe (MAE's protocol): ``BatchNorm1d(affine=False)`` then ``Linear``, i.e. a linear classifier on
   standardised features; the head's weights start from a truncated normal with std 0.01. MAE trains it with LARS
   (lr 0.1 x batch / 256, no weight decay, 90 epochs, warmup 10) through the frozen encoder with crop + flip
@@ -103,17 +105,12 @@ class LinearProbeArguments(ClassificationDataArguments):
 # ---------------------------------------------------------------------------------------------------- features
 def pool_features(encoder: MFMModel, pixel_values: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
     """(B, C, H, W) images -> (B, D) frozen features (see the module docstring)."""
+    if pooling not in ("mean", "cls"):
+        raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
     outputs = encoder(pixel_values)
-    hidden = outputs.last_hidden_state
-    if encoder.config.is_vit:
-        if pooling == "cls":
-            return hidden[:, 0]
-        if pooling != "mean":
-            raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
-        return hidden[:, 1:].mean(dim=1)
-    pooled = hidden.mean(dim=(-2, -1))
-    norm = getattr(encoder.backbone, "layernorm", None)
-    return norm(pooled) if norm is not None else pooled
+    if pooling == "cls" and encoder.config.is_vit:
+        return outputs.last_hidden_state[:, 0]
+    return outputs.pooler_output
 
 
 @torch.no_grad()

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
+import typing
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from ..configuration_mfm import VIT_FAMILY, MFMConfig
+from ..fast_paths import apply_fast_paths, keep_residual_stream_in_bf16
 from ..modeling_mfm import MFMForPreTraining
 
 __all__ = [
     "ARCHITECTURE_FIELDS",
     "build_config",
     "build_model",
+    "config_fields",
     "cudnn_autotuning",
     "enable_activation_checkpointing",
     "keep_residual_stream_in_bf16",
@@ -32,11 +36,18 @@ ARCHITECTURE_FIELDS = frozenset(
 )
 
 
+def config_fields() -> dict[str, Any]:
+    """MFMConfig's own fields (name -> type), read from its ``__init__`` signature; ``backbone_config`` excluded."""
+    hints = typing.get_type_hints(MFMConfig.__init__)
+    names = inspect.signature(MFMConfig.__init__).parameters
+    return {name: hints[name] for name in names if name not in ("self", "kwargs", "backbone_config")}
+
+
 def override_config(
     config: MFMConfig, overrides: dict[str, Any], backbone_overrides: dict[str, Any] | None = None
 ) -> MFMConfig:
     """A new, validated MFMConfig with ``overrides`` applied (``image_size`` reaches the ViT backbone too)."""
-    unknown = sorted(set(overrides) - set(MFMConfig.__annotations__))
+    unknown = sorted(set(overrides) - set(config_fields()))
     if unknown:
         raise ValueError(f"unknown MFMConfig fields {unknown}")
     values = config.to_dict()
@@ -78,11 +89,18 @@ def build_config(
     return override_config(MFMConfig.from_pretrained(model_name_or_path), overrides)
 
 
-def build_model(config: MFMConfig, model_name_or_path: str | None = None) -> MFMForPreTraining:
-    """Random initialisation from ``config``, or the weights of ``model_name_or_path`` under ``config``."""
+def build_model(
+    config: MFMConfig, model_name_or_path: str | None = None, fast_paths: bool = True
+) -> MFMForPreTraining:
+    """Random initialisation from ``config``, or the weights of ``model_name_or_path`` under ``config``; with
+    ``fast_paths`` (the scripts' default) the speed-ups of `modeling_mfm.fast_paths` are applied."""
     if model_name_or_path:
-        return MFMForPreTraining.from_pretrained(model_name_or_path, config=config)
-    return MFMForPreTraining(config)
+        model = MFMForPreTraining.from_pretrained(model_name_or_path, config=config)
+    else:
+        model = MFMForPreTraining(config)
+    if fast_paths:
+        apply_fast_paths(model)
+    return model
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:
@@ -90,29 +108,6 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
     else its older name ``gradient_checkpointing_enable`` (deprecated in transformers 5.24)."""
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable()
-
-
-def keep_residual_stream_in_bf16(model: MFMForPreTraining) -> torch.utils.hooks.RemovableHandle:
-    """Under bf16 autocast, casts a ViT encoder's embeddings (the start of its residual stream) to bf16, so that the
-    residual adds of every block, and LayerNorm's reads, move bf16 instead of float32 tensors. Opt-in
-    (``--bf16_residual_stream``): plain autocast, like the official fp16 recipe, keeps the stream in float32 (linear
-    layers return bf16, LayerNorm float32, and a bf16 branch added to a float32 stream is float32). Measured: the
-    compiled ViT-B/16 step 4.5-5.6 % faster on an H100; in small CPU runs, the loss 0.07-0.32 % higher late in
-    training and the linear probe 0.5-2.5 points lower (README).
-    Outside bf16 autocast the hook changes nothing. Returns the hook's handle (``.remove()`` undoes it)."""
-    if not model.config.is_vit:
-        raise ValueError(
-            f"--bf16_residual_stream is for ViT encoders (beit, vit); this model's is "
-            f"{model.config.backbone_config.model_type}"
-        )
-
-    def cast(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        kind = output.device.type
-        if torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.bfloat16:
-            return output.to(torch.bfloat16)
-        return output
-
-    return model.mfm.backbone.embeddings.register_forward_hook(cast)
 
 
 def preferred_memory_format(config: MFMConfig, device: torch.device | str) -> torch.memory_format:

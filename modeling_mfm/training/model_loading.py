@@ -10,11 +10,10 @@ Three sources are accepted (``model_name_or_path`` is a local folder or a Hub id
   from its ``preprocessor_config.json`` when present) and its weights are loaded into ``model.mfm.backbone``;
 * a preset name (``preset="mfm-vit-tiny"`` plus overrides): a randomly initialised model (training from scratch).
 
-Fine-tuning head (``mean_pooling=True``, the official recipe): for BEiT encoders ``backbone_config.use_mean_pooling``
-is set, which makes transformers' ``BeitModel.layernorm`` an identity; the classifier then reads
-``fc_norm(mean of patch tokens)`` as the official ``USE_MEAN_POOLING: True`` model does, and the pre-trained final
-LayerNorm is dropped. transformers' ``ViTModel`` always applies its final LayerNorm, so for ``vit`` encoders it stays
-(mean pooling + ``fc_norm`` on top of it).
+The head and the features are the model's own (`MFMModel`): the same through this loader, the Auto classes,
+pipelines and ``Trainer``. For BEiT encoders the classifier reads ``fc_norm(mean of patch tokens)`` with the
+pre-trained final LayerNorm dropped, as the official fine-tuning does; transformers' ``ViTModel`` always applies its
+final LayerNorm, so for ``vit`` encoders it stays (mean pooling + ``fc_norm`` on top of it).
 """
 
 from __future__ import annotations
@@ -44,7 +43,7 @@ def _hub_kwargs(cache_dir: str | None, revision: str | None, token: str | bool |
     return kwargs
 
 
-def _apply_backbone_options(config: MFMConfig, mean_pooling: bool, drop_path_rate: float | None) -> None:
+def _apply_backbone_options(config: MFMConfig, drop_path_rate: float | None) -> None:
     backbone = config.backbone_config
     if drop_path_rate is not None:
         if not 0.0 <= drop_path_rate < 1.0:
@@ -53,8 +52,6 @@ def _apply_backbone_options(config: MFMConfig, mean_pooling: bool, drop_path_rat
             backbone.drop_path_rate = drop_path_rate
         elif drop_path_rate > 0:
             logger.warning("the %s encoder has no stochastic depth; drop_path_rate ignored", backbone.model_type)
-    if backbone.model_type == "beit":
-        backbone.use_mean_pooling = bool(mean_pooling)
 
 
 def build_mfm_config(
@@ -92,21 +89,27 @@ def build_mfm_config(
         kwargs["image_mean"] = list(processor.image_mean)
         kwargs["image_std"] = list(processor.image_std)
         size = getattr(processor, "size", None) or {}
-        side = size.get("height") or size.get("shortest_edge")
+        crop = (getattr(processor, "crop_size", None) or {}) if getattr(processor, "do_center_crop", False) else {}
+        side = crop.get("height") or size.get("height") or size.get("shortest_edge")
         if side and config.model_type not in ("beit", "vit"):
             kwargs["image_size"] = int(side)
     return MFMConfig(**kwargs), "native"
 
 
-def _load_native_backbone(target: Any, model_name_or_path: str, config: MFMConfig, hub: dict[str, Any]) -> None:
-    extra = {"add_pooling_layer": False} if config.is_vit else {}
-    native = AutoModel.from_pretrained(model_name_or_path, config=config.backbone_config, **extra, **hub)
-    missing, unexpected = target.load_state_dict(native.state_dict(), strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"the encoder in {model_name_or_path!r} does not fit its config: missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]}"
-        )
+def _load_native_encoder(encoder: MFMModel, model_name_or_path: str, config: MFMConfig, hub: dict[str, Any]) -> None:
+    """The weights of a native encoder (e.g. written by ``export_backbone``) into ``encoder``: its backbone, and for
+    a pooling encoder the native mean-pooling LayerNorm (BEiT's ``pooler.layernorm``) as ``fc_norm``. A final
+    LayerNorm the MFM pooling leaves out is not loaded."""
+    extra = {"add_pooling_layer": False} if config.backbone_type == "vit" else {}
+    native = AutoModel.from_pretrained(model_name_or_path, config=config.backbone_config, **extra, **hub).state_dict()
+    wanted = encoder.backbone.state_dict()
+    missing = [name for name in wanted if name not in native]
+    if missing:
+        raise ValueError(f"the encoder in {model_name_or_path!r} does not fit its config: missing {missing[:5]}")
+    encoder.backbone.load_state_dict({name: native[name] for name in wanted})
+    if encoder.fc_norm is not None and "pooler.layernorm.weight" in native:
+        encoder.fc_norm.load_state_dict({"weight": native["pooler.layernorm.weight"],
+                                         "bias": native["pooler.layernorm.bias"]})
 
 
 def load_classifier(
@@ -115,7 +118,6 @@ def load_classifier(
     num_labels: int = 1000,
     id2label: dict[int, str] | None = None,
     config_overrides: dict[str, Any] | None = None,
-    mean_pooling: bool = True,
     drop_path_rate: float | None = None,
     cache_dir: str | None = None,
     revision: str | None = None,
@@ -126,7 +128,7 @@ def load_classifier(
     if num_labels < 1:
         raise ValueError(f"num_labels must be >= 1, got {num_labels}")
     config, kind = build_mfm_config(model_name_or_path, preset, config_overrides, cache_dir, revision, token)
-    _apply_backbone_options(config, mean_pooling, drop_path_rate)
+    _apply_backbone_options(config, drop_path_rate)
     id2label = id2label or {i: f"LABEL_{i}" for i in range(num_labels)}
     if len(id2label) != num_labels:
         raise ValueError(f"id2label has {len(id2label)} entries, num_labels is {num_labels}")
@@ -140,7 +142,7 @@ def load_classifier(
         )
     model = MFMForImageClassification(config)
     if kind == "native":
-        _load_native_backbone(model.mfm.backbone, model_name_or_path, config, hub)
+        _load_native_encoder(model.mfm, model_name_or_path, config, hub)
     return model
 
 
@@ -150,14 +152,14 @@ def load_encoder(
     revision: str | None = None,
     token: str | bool | None = None,
 ) -> MFMModel:
-    """The encoder (`MFMModel` without the fine-tuning pooling layer; backbone as pre-trained, final norm kept) of
-    an MFM checkpoint or native encoder, for frozen-feature evaluation."""
+    """The encoder (`MFMModel`, what ``AutoModel`` builds: its ``pooler_output`` is the classifier's input) of an MFM
+    checkpoint or native encoder, for frozen-feature evaluation."""
     if model_name_or_path in PRESETS and not os.path.isdir(model_name_or_path):
         raise ValueError(f"{model_name_or_path!r} is a preset without weights; give a checkpoint folder or Hub id")
     config, kind = build_mfm_config(model_name_or_path, None, None, cache_dir, revision, token)
     hub = _hub_kwargs(cache_dir, revision, token)
     if kind == "mfm":
-        return MFMModel.from_pretrained(model_name_or_path, config=config, add_pooling_layer=False, **hub)
-    model = MFMModel(config, add_pooling_layer=False)
-    _load_native_backbone(model.backbone, model_name_or_path, config, hub)
+        return MFMModel.from_pretrained(model_name_or_path, config=config, **hub)
+    model = MFMModel(config)
+    _load_native_encoder(model, model_name_or_path, config, hub)
     return model

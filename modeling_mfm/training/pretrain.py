@@ -508,7 +508,7 @@ class _PretrainingRun:
         args, setup, accelerator = self.args, self.setup, self.accelerator
         device = accelerator.device
         set_seed(args.seed)  # identical initialisation on every process
-        model = build_model(setup.config, args.model_name_or_path)
+        model = build_model(setup.config, args.model_name_or_path, fast_paths=args.fast_paths)
         if args.gradient_checkpointing:
             enable_activation_checkpointing(model)
         if args.bf16_residual_stream:

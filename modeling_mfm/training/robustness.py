@@ -15,8 +15,9 @@ The classifier's classes are matched to WordNet ids through ``config.id2label`` 
 fine-tuned on ImageNet image folders), else by the standard ImageNet-1K index order when it has 1000 labels (the
 Hub's ``imagenet-1k`` and torchvision's folder order are the sorted wnids, `IMAGENET_1K_WNIDS`).
 
-Images get the evaluation transform of the classifier's image processor: shorter side to ``size / crop_pct``
-(bicubic), centre crop; ImageNet-C images are already 224x224 centre crops, so they use ``crop_pct = 1``.
+Images get the evaluation transform of the classifier's saved image processor (`eval_transform_from_processor`:
+shorter side to ``size / crop_pct``, bicubic, centre crop); ImageNet-C images are already 224x224 centre crops, so
+they use ``crop_pct = 1``.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-from .classification_data import build_eval_transform
+from .classification_data import eval_transform_from_processor
 from .data import open_image
 from .disk_faults import write_faults
 from .image_folders import list_image_folder, local_path
@@ -79,7 +80,10 @@ class RobustnessArguments:
     corruptions: str | None = field(
         default=None, metadata={"help": "Comma-separated subset of the 15 ImageNet-C corruptions (default: all)."}
     )
-    crop_pct: float = field(default=0.875, metadata={"help": "Centre-crop fraction (ImageNet-C always uses 1)."})
+    crop_pct: float | None = field(
+        default=None,
+        metadata={"help": "Centre-crop fraction (default: the checkpoint's image processor's; ImageNet-C: 1)."},
+    )
     per_device_batch_size: int = field(default=128, metadata={"help": "Batch per process."})
     num_workers: int = field(default=4, metadata={"help": "DataLoader worker processes."})
     output_file: str = field(default="robustness_results.json", metadata={"help": "Where to write the JSON."})
@@ -96,7 +100,7 @@ class RobustnessArguments:
                 raise ValueError(f"{name} {path!r} is not a directory")
         if self.per_device_batch_size < 1:
             raise ValueError(f"per_device_batch_size must be >= 1, got {self.per_device_batch_size}")
-        if not 0.0 < self.crop_pct <= 1.0:
+        if self.crop_pct is not None and not 0.0 < self.crop_pct <= 1.0:
             raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
 
     def corruption_list(self) -> list[str]:
@@ -239,8 +243,6 @@ def run_robustness_eval(args: RobustnessArguments) -> dict[str, Any]:
     accelerator = Accelerator()
     model = AutoModelForImageClassification.from_pretrained(args.model_name_or_path)
     processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)
-    size = processor.size.get("height") or processor.size.get("shortest_edge")
-    mean, std = list(processor.image_mean), list(processor.image_std)
     wnids = class_wnids(model.config)
     model = accelerator.prepare(model)
     results: dict[str, Any] = {"model": args.model_name_or_path}
@@ -252,8 +254,8 @@ def run_robustness_eval(args: RobustnessArguments) -> dict[str, Any]:
             raise ValueError(f"the classifier lacks {len(missing)} of the benchmark's classes, e.g. {missing[:3]}")
         return list(published), torch.tensor([position[w] for w in published])
 
-    def run(root: str, classes: Sequence[str], indices: torch.Tensor | None, crop_pct: float) -> dict[str, float]:
-        dataset = WnidFolderDataset(root, classes, build_eval_transform(size, mean, std, crop_pct))
+    def run(root: str, classes: Sequence[str], indices: torch.Tensor | None, crop_pct: float | None) -> dict:
+        dataset = WnidFolderDataset(root, classes, eval_transform_from_processor(processor, crop_pct))
         return evaluate_folder(model, dataset, accelerator, indices, args.per_device_batch_size, args.num_workers)
 
     if args.imagenet_c_dir is not None:
