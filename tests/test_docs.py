@@ -61,6 +61,14 @@ def test_python_blocks_of_the_docs_run(page, tmp_path, monkeypatch):
     run_blocks(blocks, {"__name__": "__docs__"}, page.name)
 
 
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_relative_links_point_at_files_that_exist(page):
+    text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.DOTALL)
+    targets = [t for t in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text) if "://" not in t]
+    missing = [t for t in targets if not (page.parent / t).exists()]
+    assert not missing, f"{page.name} links to missing files: {missing}"
+
+
 def _tiny_checkpoint(folder: Path, card: str) -> None:
     """A tiny save_pretrained folder (with backbone/) of the card's kind: ViT or ResNet, pre-training or classifier."""
     from modeling_mfm import MFMConfig, MFMForImageClassification, MFMForPreTraining
