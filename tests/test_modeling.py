@@ -212,11 +212,25 @@ def test_transformer_decoder_variant():
 
 
 def test_other_resolution_with_interpolated_position_embeddings():
+    torch.manual_seed(0)
     model = MFMForPreTraining(tiny_config("beit")).eval()
     out = model(torch.randn(1, 3, 48, 64))
     assert out.reconstruction.shape == (1, 3, 48, 64) and out.frequency_mask.shape == (1, 48, 64)
-    enc = MFMModel(tiny_config("beit"))(torch.randn(1, 3, 48, 48), interpolate_pos_encoding=True)
+    assert torch.isfinite(out.reconstruction).all() and out.loss > 0
+    # the mask follows the input size: a 48x64 low- or high-pass mask around the centre (24, 32)
+    low = low_pass_mask(48, 64, model.config.mask_radius)
+    assert torch.equal(out.frequency_mask[0], low) or torch.equal(out.frequency_mask[0], 1 - low)
+    encoder = MFMModel(tiny_config("beit")).eval()
+    pixels = torch.randn(1, 3, 48, 48)
+    enc = encoder(pixels, interpolate_pos_encoding=True)
     assert enc.last_hidden_state.shape == (1, 1 + 36, 32)
+    # interpolating to the configured size changes nothing; to another size, the position embeddings do change
+    native = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(encoder(native, interpolate_pos_encoding=True).last_hidden_state,
+                               encoder(native).last_hidden_state)
+    with torch.no_grad():
+        encoder.backbone.embeddings.position_embeddings.normal_()
+    assert not torch.allclose(encoder(pixels, interpolate_pos_encoding=True).last_hidden_state, enc.last_hidden_state)
 
 
 def test_attentions_with_eager_attention():

@@ -37,19 +37,34 @@ def test_combine_bands_restores_the_image_from_its_two_bands():
                           atol=1e-5)
 
 
-def test_reconstruction_grid_and_png(tmp_path):
-    images = torch.rand(2, 3, 16, 16)
+def _pixels_near(picture: np.ndarray, colour: tuple[int, int, int], tolerance: int = 8) -> int:
+    return int((np.abs(picture.astype(int) - np.array(colour)).max(axis=-1) <= tolerance).sum())
+
+
+def test_reconstruction_grid_shows_each_image_in_its_column_and_the_png_keeps_it(tmp_path):
+    def solid(colour):
+        return torch.tensor(colour, dtype=torch.float32).view(1, 3, 1, 1).expand(2, 3, 16, 16).clone()
+
+    original, corrupted, reconstruction = solid((1.0, 0.0, 0.0)), solid((0.0, 1.0, 0.0)), solid((0.0, 0.0, 1.0))
     keep = torch.stack([low_pass_mask(16, 16, 4), 1 - low_pass_mask(16, 16, 4)])
-    with_mask = reconstruction_grid(images, images, images, keep, ["low-pass", "high-pass"], title="t")
-    without = reconstruction_grid(images, images, images)
+    with_mask = reconstruction_grid(original, corrupted, reconstruction, keep, ["low-pass", "high-pass"], title="t")
+    without = reconstruction_grid(original, corrupted, reconstruction)
     assert with_mask.dtype == np.uint8 and with_mask.ndim == 3 and with_mask.shape[2] == 3
     assert with_mask.shape[1] > without.shape[1]  # one more column: kept band + predicted band
+    # each panel is drawn: pure red, green and blue areas of at least two 16x16 images each (scaled up by the dpi),
+    # and each colour lies left of the next (original | corrupted | reconstruction)
+    columns = {}
+    for name, colour in (("original", (255, 0, 0)), ("corrupted", (0, 255, 0)), ("reconstruction", (0, 0, 255))):
+        assert _pixels_near(without, colour) >= 2 * 16 * 16, name
+        columns[name] = np.nonzero((np.abs(without.astype(int) - colour).max(axis=-1) <= 8).any(axis=0))[0].mean()
+    assert columns["original"] < columns["corrupted"] < columns["reconstruction"]
     with pytest.raises(ValueError, match="frequency_mask"):
-        reconstruction_grid(images, images, images, keep[:1])
+        reconstruction_grid(original, corrupted, reconstruction, keep[:1])
     save_png(with_mask, tmp_path / "pics" / "grid.png")
     from PIL import Image
 
-    assert Image.open(tmp_path / "pics" / "grid.png").size == (with_mask.shape[1], with_mask.shape[0])
+    with Image.open(tmp_path / "pics" / "grid.png") as saved:
+        assert np.array_equal(np.asarray(saved.convert("RGB")), with_mask)  # lossless
 
 
 def test_predict_fixed_batch_is_reproducible_and_side_effect_free(tiny_config_factory):
