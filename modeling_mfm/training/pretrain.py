@@ -52,6 +52,7 @@ from .arguments import (
     resolve_defaults,
 )
 from .checkpointing import save_checkpoint
+from .cli import ScriptError
 from .data import (
     EpochShuffleSampler,
     HFImageSource,
@@ -125,8 +126,8 @@ RUN_ONLY_ARGUMENTS = frozenset({
 })
 
 
-class PretrainingArgumentError(ValueError):
-    """The run cannot start: an argument, the data or the model configuration is invalid."""
+class PretrainingArgumentError(ScriptError):
+    """The run cannot start: an argument, the data or the model configuration is invalid (exit code 2)."""
 
 
 @dataclass
