@@ -12,12 +12,14 @@
 
 from __future__ import annotations
 
-import argparse
 import gc
 import itertools
 import json
 import os
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from fast_path_check import fast_path_agreement
@@ -29,64 +31,93 @@ from step_benchmark import (
 
 from modeling_mfm.configuration_mfm import MFMConfig
 from modeling_mfm.training.arguments import COMPILE_MODES
+from modeling_mfm.training.cli import ScriptArgumentParser, ScriptError, run_script
 from modeling_mfm.training.model_factory import cudnn_autotuning
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    step = parser.add_argument_group("training step (synthetic images)")
-    step.add_argument("--models", nargs="+", default=["mfm-vit-tiny", "mfm-vit-base"], help="Preset names.")
-    step.add_argument("--image_size", type=int, default=224)
-    step.add_argument("--batch_size", type=int, nargs="+", default=[8],
-                      help="Per-device batch of the training step; several values sweep them (peak memory per "
-                           "batch size; a batch that does not fit in the accelerator's memory is reported as such).")
-    step.add_argument("--steps", type=int, default=5, help="Timed steps.")
-    step.add_argument("--warmup_steps", type=int, default=2, help="Untimed steps first.")
-    step.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
-    step.add_argument("--torch_compile", action="store_true")
-    step.add_argument("--compile_scope", choices=["model", "backbone"], default="model",
-                      help="With --torch_compile: compile the whole model or only its encoder.")
-    step.add_argument("--compile_mode", choices=COMPILE_MODES, default="default",
-                      help="With --torch_compile: torch.compile's mode (reduce-overhead replays CUDA graphs).")
-    step.add_argument("--gradient_checkpointing", action="store_true")
-    step.add_argument("--bf16_residual_stream", action="store_true",
-                      help="ViTs with --mixed_precision bf16: the residual stream in bf16 (as pre-training's flag).")
-    step.add_argument("--no_cudnn_benchmark", dest="cudnn_benchmark", action="store_false",
-                      help="On CUDA, keep cuDNN's heuristic convolution algorithms instead of timing them once for "
-                           "the benchmark's shapes (torch.backends.cudnn.benchmark, on in pre-training by default).")
-    step.add_argument("--profile_dir",
-                      help="Write a torch.profiler table of three more steps per model to this folder.")
-    step.add_argument("--cpu", action="store_true",
-                      help="Run the step (and device decoding) on the CPU even if an accelerator exists.")
-    step.add_argument("--peak_tflops", type=float,
-                      help="Dense peak of the device in the benchmark's precision (e.g. 989 for H100/H200 bf16): "
-                           "MFU = FLOPs per image x img/s / peak.")
-    step.add_argument("--check_fast_path", action="store_true",
-                      help="First compare the loss and gradients of one batch by the fast step (this precision, "
-                           "SDPA, channels_last, compile) with the plain float32 eager step, same masks.")
-    step.add_argument("--plain_baseline", action="store_true",
-                      help="Also time the plain float32 formulation of the same step (the model without fast paths, "
-                           "host-built masks, complex arithmetic, eager attention, for-loop AdamW), alternating steps "
-                           "with this one, and print the speed-up over it.")
-    step.add_argument("--no_fast_paths", dest="fast_paths", action="store_false",
-                      help="Time the model without modeling_mfm.fast_paths (as pre-training's --no_fast_paths).")
-    step.add_argument("--skip_step", action="store_true", help="Only benchmark the input pipeline.")
-    data = parser.add_argument_group("input pipeline (a folder of images)")
-    data.add_argument("--data_dir", help="Folder of images; the pipeline benchmark runs when given.")
-    data.add_argument("--num_workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader workers to try.")
-    data.add_argument("--data_batch_size", type=int, default=32)
-    data.add_argument("--data_batches", type=int, default=10, help="Timed batches per setting.")
-    data.add_argument("--pipeline_stages", action="store_true",
-                      help="Also time the stages of one worker's transform per image on one core (open, decode, "
-                           "crop + resize) and PIL's resize of the same crops.")
-    data.add_argument("--compare_jpeg_draft", action="store_true",
-                      help="Also measure with JPEG draft decoding off.")
-    data.add_argument("--decode_on_device", choices=["off", "on", "both"], default="off",
-                      help="Decode, crop and resize the JPEGs on the accelerator (workers only read files); "
-                           "'both' measures the two pipelines.")
-    data.add_argument("--cache_dir", help="Where datasets caches the folder's file list.")
-    parser.add_argument("--json", help="Write all results to this JSON file.")
-    return parser.parse_args(argv)
+@dataclass
+class BenchmarkArguments:
+    # ---- the training step, on synthetic images
+    models: list[str] = field(default_factory=lambda: ["mfm-vit-tiny", "mfm-vit-base"],
+                              metadata={"help": "Preset names."})
+    image_size: int = field(default=224, metadata={"help": "Side of the square images, in pixels."})
+    batch_size: list[int] = field(
+        default_factory=lambda: [8],
+        metadata={"help": "Per-device batch of the training step; several values sweep them (peak memory per batch "
+                          "size; a batch that does not fit in the accelerator's memory is reported as such)."},
+    )
+    steps: int = field(default=5, metadata={"help": "Timed steps."})
+    warmup_steps: int = field(default=2, metadata={"help": "Untimed steps first."})
+    mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata={"help": "Autocast precision."})
+    torch_compile: bool = field(default=False, metadata={"help": "Compile the step with torch.compile."})
+    compile_scope: Literal["model", "backbone"] = field(
+        default="model", metadata={"help": "With --torch_compile: compile the whole model or only its encoder."}
+    )
+    compile_mode: str = field(
+        default="default",
+        metadata={"help": "With --torch_compile: torch.compile's mode (reduce-overhead replays CUDA graphs).",
+                  "choices": COMPILE_MODES},
+    )
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    bf16_residual_stream: bool = field(
+        default=False,
+        metadata={"help": "ViTs with --mixed_precision bf16: the residual stream in bf16 (as pre-training's flag)."},
+    )
+    cudnn_benchmark: bool = field(
+        default=True,
+        metadata={"help": "On CUDA, let cuDNN time its convolution algorithms once for the benchmark's shapes "
+                          "(torch.backends.cudnn.benchmark, on in pre-training by default); --no_cudnn_benchmark "
+                          "keeps its heuristic choice."},
+    )
+    profile_dir: str | None = field(
+        default=None, metadata={"help": "Write a torch.profiler table of three more steps per model to this folder."}
+    )
+    cpu: bool = field(
+        default=False, metadata={"help": "Run the step (and device decoding) on the CPU even if an accelerator exists."}
+    )
+    peak_tflops: float | None = field(
+        default=None,
+        metadata={"help": "Dense peak of the device in the benchmark's precision, from its data sheet: MFU = FLOPs "
+                          "per image x img/s / peak."},
+    )
+    check_fast_path: bool = field(
+        default=False,
+        metadata={"help": "First compare the loss and gradients of one batch by the fast step (this precision, SDPA, "
+                          "channels_last, compile) with the plain float32 eager step, same masks."},
+    )
+    plain_baseline: bool = field(
+        default=False,
+        metadata={"help": "Also time the plain float32 formulation of the same step (the model without fast paths, "
+                          "host-built masks, complex arithmetic, eager attention, for-loop AdamW), alternating steps "
+                          "with this one, and print the speed-up over it."},
+    )
+    fast_paths: bool = field(
+        default=True,
+        metadata={"help": "Apply modeling_mfm.fast_paths; --no_fast_paths times the stock model (as pre-training's "
+                          "--no_fast_paths)."},
+    )
+    skip_step: bool = field(default=False, metadata={"help": "Only benchmark the input pipeline."})
+    # ---- the input pipeline, on a folder of images
+    data_dir: str | None = field(
+        default=None, metadata={"help": "Folder of images; the input-pipeline benchmark runs when given."}
+    )
+    num_workers: list[int] = field(default_factory=lambda: [0, 1, 2],
+                                   metadata={"help": "DataLoader workers to try."})
+    data_batch_size: int = field(default=32, metadata={"help": "Batch of the input-pipeline benchmark."})
+    data_batches: int = field(default=10, metadata={"help": "Timed batches per setting."})
+    pipeline_stages: bool = field(
+        default=False,
+        metadata={"help": "Also time the stages of one worker's transform per image on one core (open, decode, crop "
+                          "+ resize) and PIL's resize of the same crops."},
+    )
+    compare_jpeg_draft: bool = field(default=False, metadata={"help": "Also measure with JPEG draft decoding off."})
+    decode_on_device: Literal["off", "on", "both"] = field(
+        default="off",
+        metadata={"help": "Decode, crop and resize the JPEGs on the accelerator (workers only read files); 'both' "
+                          "measures the two pipelines."},
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Where datasets caches the folder's file list."})
+    json: str | None = field(default=None, metadata={"help": "Write all results to this JSON file."})
 
 
 def print_step(name: str, result: dict) -> None:
@@ -100,7 +131,7 @@ def print_step(name: str, result: dict) -> None:
           f"{result['mixed_precision']}, {result['threads']} threads)", flush=True)
 
 
-def benchmark_batch_size(args: argparse.Namespace, name: str, config: MFMConfig, batch_size: int,
+def benchmark_batch_size(args: BenchmarkArguments, name: str, config: MFMConfig, batch_size: int,
                          results: list[dict]) -> None:
     """The step of one model at one batch size (and its plain baseline when asked); an accelerator running out of
     memory is recorded and the sweep goes on."""
@@ -137,8 +168,9 @@ def benchmark_batch_size(args: argparse.Namespace, name: str, config: MFMConfig,
               f"img/s; this step {plain['fast_img_per_s']:.1f} img/s in the same alternating steps)", flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = ScriptArgumentParser(BenchmarkArguments, prog="benchmark.py", description=__doc__)
+    (args,) = parser.parse_args_into_dataclasses(argv)
     results = []
     try:
         # the input pipeline first, while this process holds no model (its memory figure stays clean)
@@ -182,9 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                 with cudnn_autotuning(args.cudnn_benchmark, device):
                     for batch_size in args.batch_size:
                         benchmark_batch_size(args, name, config, batch_size, results)
-    except ValueError as error:
-        print(f"benchmark.py: error: {error}", file=sys.stderr)
-        return 2
+    except ValueError as error:  # an unknown preset, a setting the step refuses
+        raise ScriptError(str(error)) from error
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)
@@ -192,4 +223,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

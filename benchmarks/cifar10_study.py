@@ -14,13 +14,12 @@ last checkpoint when run again. After each stage the table is rewritten (``study
     python benchmarks/cifar10_study.py --train_file 'data/cifar10/*.parquet' --output_dir cifar10-study
     python benchmarks/cifar10_study.py --train_file ... --output_dir cifar10-study --stage pretrain-mfm
     python benchmarks/cifar10_study.py --train_file ... --output_dir cifar10-study --max_minutes 9   # exit 3: rerun
-    python benchmarks/cifar10_study.py --train_file ... --output_dir ... --pretexts mfm sr deblur denoise  # + (d)
-    python benchmarks/cifar10_study.py --smoke --output_dir /tmp/cifar10-smoke     # the whole pipeline, CPU, ~1 min
+    python benchmarks/cifar10_study.py --train_file ... --output_dir ... --pretexts mfm sr deblur denoise
+    python benchmarks/cifar10_study.py --smoke --output_dir cifar10-smoke          # the whole pipeline, on a CPU
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
@@ -32,9 +31,12 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from modeling_mfm.training.cli import RunStopped, ScriptArgumentParser, ScriptError, run_script
 
 REPO = Path(__file__).resolve().parents[1]
 PRETEXTS = ("mfm", "sr", "deblur", "denoise")
@@ -95,11 +97,11 @@ PRETEXT_FLAGS = {
 }
 
 
-class StudyError(Exception):
+class StudyError(ScriptError):
     """A problem with the study's arguments or output folder (one line, exit code 2)."""
 
 
-class TimeLimitReached(Exception):
+class TimeLimitReached(RunStopped):
     """``--max_minutes`` ran out; the stage stopped (at worst losing the work since its last checkpoint) and the
     same command continues it (exit code 3)."""
 
@@ -115,7 +117,7 @@ def stage_names(pretexts: list[str]) -> list[str]:
 
 
 class Study:
-    def __init__(self, args: argparse.Namespace, plan: Plan) -> None:
+    def __init__(self, args: StudyArguments, plan: Plan) -> None:
         self.args, self.plan = args, plan
         self.root = Path(args.output_dir)
         self.cuda = _cuda_available()
@@ -292,7 +294,7 @@ def _minutes(record: dict[str, Any] | None) -> float | None:
 
 
 def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The issue's two targets: MFM beats scratch by >= 3 points top-1 (final epoch); MFM >= each pretext."""
+    """The study's two targets: MFM beats scratch by >= 3 points top-1 (final epoch); MFM >= each pretext."""
     by_name = {row["pretext"]: row["finetune_final_top1"] for row in rows}
     result: dict[str, Any] = {}
     if by_name.get("mfm") is not None and by_name.get("scratch") is not None:
@@ -422,70 +424,80 @@ def _package_root() -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------- command line
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--train_file", help="CIFAR-10's training split: parquet file(s), a quoted glob pattern")
-    parser.add_argument("--output_dir", required=True, help="one folder per stage, study.json and study.md")
-    parser.add_argument("--stage", default="all", help="one stage (see --list_stages), 'report', or 'all'")
-    parser.add_argument("--pretexts", nargs="+", default=["mfm"], choices=PRETEXTS,
-                        help="pre-training pretexts to compare (mfm always runs); add sr deblur denoise for (d)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="the whole pipeline on a tiny generated data set and model (CPU, about a minute)")
-    parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
-                        help="default: bf16 on CUDA, else no")
-    parser.add_argument("--num_workers", type=int, default=None,
-                        help="decoding / evaluation workers per stage (default: the cores but one, at most 15)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pretrain_epochs", type=float, help="override the plan's pre-training epochs")
-    parser.add_argument("--finetune_epochs", type=int, help="override the plan's fine-tuning epochs")
-    parser.add_argument("--mask_radius", type=float, help="override the plan's mask radius (default 16 / 224 x 32)")
-    parser.add_argument("--max_minutes", type=float,
-                        help="stop (exit code 3) after this many minutes, stopping the running stage; the same command "
-                             "continues from the stage's last checkpoint")
-    parser.add_argument("--list_stages", action="store_true", help="print the stages in run order and exit")
-    args = parser.parse_args(argv)
-    if "mfm" not in args.pretexts:
-        args.pretexts = ["mfm", *args.pretexts]
-    args.pretexts = list(dict.fromkeys(args.pretexts))
-    if args.num_workers is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        args.num_workers = 0 if args.smoke else max(0, min(15, cores - 1))
+@dataclass
+class StudyArguments:
+    output_dir: str = field(metadata={"help": "One folder per stage, study.json and study.md."})
+    train_file: str | None = field(
+        default=None, metadata={"help": "CIFAR-10's training split: parquet file(s), a quoted glob pattern."}
+    )
+    stage: str = field(default="all", metadata={"help": "One stage (see --list_stages), 'report', or 'all'."})
+    pretexts: list[str] = field(
+        default_factory=lambda: ["mfm"],
+        metadata={"help": "Pre-training pretexts to compare (mfm always runs); add sr deblur denoise for the paper's "
+                          "table.", "choices": PRETEXTS},
+    )
+    smoke: bool = field(
+        default=False, metadata={"help": "The whole pipeline on a tiny generated data set and model (CPU)."}
+    )
+    mixed_precision: str | None = field(
+        default=None, metadata={"help": "Default: bf16 on CUDA, else no.", "choices": ("no", "fp16", "bf16")}
+    )
+    num_workers: int | None = field(
+        default=None,
+        metadata={"help": "Decoding / evaluation workers per stage (default: the cores but one, at most 15)."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of every stage and of the held-out slice."})
+    pretrain_epochs: float | None = field(default=None, metadata={"help": "Override the plan's pre-training epochs."})
+    finetune_epochs: int | None = field(default=None, metadata={"help": "Override the plan's fine-tuning epochs."})
+    mask_radius: float | None = field(
+        default=None, metadata={"help": "Override the plan's mask radius (default 16 / 224 x 32)."}
+    )
+    max_minutes: float | None = field(
+        default=None,
+        metadata={"help": "Stop (exit code 3) after this many minutes, stopping the running stage; the same command "
+                          "continues from the stage's last checkpoint."},
+    )
+    list_stages: bool = field(default=False, metadata={"help": "Print the stages in run order and exit."})
+
+    def __post_init__(self) -> None:
+        self.pretexts = list(dict.fromkeys(["mfm", *self.pretexts]))
+        if self.num_workers is None:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            self.num_workers = 0 if self.smoke else max(0, min(15, cores - 1))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> StudyArguments:
+    parser = ScriptArgumentParser(StudyArguments, prog="cifar10_study.py", description=__doc__.split("\n\n")[0])
+    (args,) = parser.parse_args_into_dataclasses(argv)
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)  # unwind, so that the running stage's script is stopped too
     names = stage_names(args.pretexts)
     if args.list_stages:
         print("\n".join(names + ["report"]))
         return 0
-    try:
-        plan = SMOKE_PLAN if args.smoke else GPU_PLAN
-        changes = {name: getattr(args, name) for name in ("pretrain_epochs", "finetune_epochs", "mask_radius")
-                   if getattr(args, name) is not None}
-        plan = dataclasses.replace(plan, **changes)
-        root = Path(args.output_dir)
-        if args.smoke and args.train_file is None:
-            args.train_file = str(root / "smoke-data" / "train.parquet")
-            if not Path(args.train_file).is_file():
-                make_smoke_dataset(Path(args.train_file), seed=args.seed)
-        if args.train_file is None:
-            raise StudyError("--train_file is required (or --smoke)")
-        if args.stage not in (*names, "all", "report"):
-            raise StudyError(f"unknown stage {args.stage!r}; stages: {', '.join(names)}, report, all")
-        check_plan(root, {"plan": dataclasses.asdict(plan), "train_file": args.train_file, "seed": args.seed})
-        study = Study(args, plan)
-        for name in names if args.stage == "all" else ([args.stage] if args.stage != "report" else []):
-            study.run_stage(name)
-            study.report()
-        summary = study.report()
-    except StudyError as error:
-        print(f"cifar10_study.py: error: {error}", file=sys.stderr)
-        return 2
-    except TimeLimitReached as error:
-        print(f"cifar10_study.py: stopped: {error}", file=sys.stderr)
-        return 3
+    plan = SMOKE_PLAN if args.smoke else GPU_PLAN
+    changes = {name: getattr(args, name) for name in ("pretrain_epochs", "finetune_epochs", "mask_radius")
+               if getattr(args, name) is not None}
+    plan = dataclasses.replace(plan, **changes)
+    root = Path(args.output_dir)
+    if args.smoke and args.train_file is None:
+        args.train_file = str(root / "smoke-data" / "train.parquet")
+        if not Path(args.train_file).is_file():
+            make_smoke_dataset(Path(args.train_file), seed=args.seed)
+    if args.train_file is None:
+        raise StudyError("--train_file is required (or --smoke)")
+    if args.stage not in (*names, "all", "report"):
+        raise StudyError(f"unknown stage {args.stage!r}; stages: {', '.join(names)}, report, all")
+    check_plan(root, {"plan": dataclasses.asdict(plan), "train_file": args.train_file, "seed": args.seed})
+    study = Study(args, plan)
+    for name in names if args.stage == "all" else ([args.stage] if args.stage != "report" else []):
+        study.run_stage(name)
+        study.report()
+    summary = study.report()
     print((root / "study.md").read_text(encoding="utf-8"))
     if summary["verdict"]:
         print("targets:", json.dumps(summary["verdict"]))
@@ -513,4 +525,4 @@ def check_plan(root: Path, plan: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

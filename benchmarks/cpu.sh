@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU measurements behind the README's "On the CPU" figures, in one run (about 15 minutes on 2 cores).
+# The CPU measurements behind docs/performance.md ("The development CPU"), in one run (about 15 minutes on 2 cores).
 #
 #   bash benchmarks/cpu.sh IMAGE_FOLDER RESULTS_FOLDER
 #
@@ -23,7 +23,7 @@ step() {  # name, arguments...
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,
 'threads', torch.get_num_threads())"
 step pipeline --skip_step --data_dir "$images" --num_workers 0 1 2 --data_batches 20 --compare_jpeg_draft \
-    --decode_on_device both --pipeline_stages --cache_dir /tmp/datasets_cache
+    --decode_on_device both --pipeline_stages --cache_dir "${TMPDIR:-/tmp}/mfm-benchmarks/datasets_cache"
 step eager --models mfm-vit-tiny mfm-resnet50 mfm-convnext-tiny mfm-vit-base --batch_size 8 --steps 6 \
     --plain_baseline
 step compiled --models mfm-vit-tiny mfm-resnet50 --batch_size 8 --steps 6 --torch_compile --plain_baseline

@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
-# The GPU measurements behind the README's performance figures, in one run on one H100/H200.
+# The GPU measurements behind docs/performance.md, in one run on one GPU.
 #
 #   bash benchmarks/gpu.sh IMAGE_FOLDER RESULTS_FOLDER [table|headline|quick|autotune|profile|train]
 #
-# Modes (each fits one call of a 15-minute lease):
+# Modes (each takes at most about 10 minutes):
 #   table (default, about 9 minutes): the training step eager, compiled and compiled with CUDA graphs, float32,
 #     memory at batch 256 and 512 with and without gradient checkpointing, the input pipeline.
-#   headline (at most 540 s): the package's compiled steps behind the issue's targets, on whichever card runs it (the
-#     issue's reference figures are from an H200): ViT-B/16 at batch 128 in the official float32 stream, then with CUDA
-#     graphs and the bf16 stream at batch 128 and 256, ResNet-50 with CUDA graphs; then Inductor's max-autotune with
-#     the bf16 stream for the time left.
+#   headline (at most 540 s): the package's fastest compiled steps: ViT-B/16 at batch 128 in the official float32
+#     stream, then with CUDA graphs and the bf16 stream at batch 128 and 256, ResNet-50 with CUDA graphs; then
+#     Inductor's max-autotune with the bf16 stream for the time left.
 #   quick (at most 470 s): benchmarks/vit_step_variants.py (the ViT-B/16 variants, compiled, with a profiler table
 #     each; then at batch 512), ResNet-50 with CUDA graphs.
 #   autotune (at most 560 s): the ViT-B/16 step with Inductor's max-autotune, alone and with the bf16 residual stream.
@@ -19,13 +18,14 @@
 #     --decode_on_device and compiled, then ResNet-50 compiled with CUDA graphs: what the training loop achieves on
 #     real JPEGs.
 # IMAGE_FOLDER: JPEGs for the input-pipeline figures (ImageNet samples). RESULTS_FOLDER receives one JSON file per
-# group, the profiler tables and the full log (more files than the device tool brings back one by one: pack them).
-# The groups run in order of importance, each under its own time limit.
+# group, the profiler tables and the full log. The groups run in order of importance, each under its own time limit.
+# MFU is computed against 989 TFLOP/s (H100/H200 dense bf16): change --peak_tflops below for another card.
 set -u
 images=${1:?image folder}
 results=${2:?results folder}
 mode=${3:-table}
 mkdir -p "$results"
+scratch=${TMPDIR:-/tmp}/mfm-benchmarks  # caches, copied images and training runs
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 bench="python benchmarks/benchmark.py --image_size 224 --peak_tflops 989 --steps 20 --warmup_steps 3"
 step() {  # name, seconds allowed, arguments...
@@ -49,9 +49,9 @@ if [ "$mode" = table ]; then
         --torch_compile --compile_mode reduce-overhead
     # the input pipeline: PIL in the workers (draft decoding), then decoding on the GPU
     step pipeline_cpu 100 --skip_step --data_dir "$images" --num_workers 1 4 8 15 --data_batch_size 64 \
-        --data_batches 40 --decode_on_device off --cache_dir /tmp/datasets_cache
+        --data_batches 40 --decode_on_device off --cache_dir "$scratch/datasets_cache"
     step pipeline_gpu 60 --skip_step --data_dir "$images" --num_workers 1 2 4 --data_batch_size 64 \
-        --data_batches 40 --decode_on_device on --cache_dir /tmp/datasets_cache
+        --data_batches 40 --decode_on_device on --cache_dir "$scratch/datasets_cache"
     # the float32 baseline, and memory at larger batches with and without gradient checkpointing
     step eager_fp32 60 --models mfm-vit-base mfm-resnet50 --batch_size 128 --mixed_precision no
     step memory_sweep 75 --models mfm-vit-base --batch_size 256 512 --mixed_precision bf16
@@ -79,7 +79,7 @@ elif [ "$mode" = quick ]; then
         bf16_residual+cudagraphs > "$results/vit_step_variants_b512.txt" 2>&1 \
         || echo "!! vit_step_variants_b512 failed or timed out ($?)"
     grep -E "img/s|FAILED|^float32|^mfm" "$results/vit_step_variants_b512.txt"
-    # ResNet-50 with CUDA graphs at batch 128 (4,411-4,559 img/s with complex FFTs, 4,582 with the real-input ones)
+    # ResNet-50 with CUDA graphs at batch 128
     step resnet_cudagraphs 110 --models mfm-resnet50 --batch_size 128 --mixed_precision bf16 --torch_compile \
         --compile_mode reduce-overhead
 elif [ "$mode" = autotune ]; then
@@ -97,11 +97,11 @@ elif [ "$mode" = profile ]; then
     step profile_compiled 150 --models mfm-vit-base --batch_size 128 --mixed_precision bf16 --torch_compile \
         --profile_dir "$results"
     step pipeline 120 --skip_step --data_dir "$images" --num_workers 1 2 4 8 15 --data_batch_size 64 \
-        --data_batches 40 --decode_on_device both --cache_dir /tmp/datasets_cache
+        --data_batches 40 --decode_on_device both --cache_dir "$scratch/datasets_cache"
 elif [ "$mode" = train ]; then
     # end to end: pre-training ViT-B/16 on the JPEGs (copied 10x, so that an epoch spans many steps) with PIL
     # workers, with --decode_on_device, and compiled; the img/s the training loop logs (steps 21-60)
-    data=/tmp/mfm_train_images
+    data="$scratch/train_images"
     rm -rf "$data"
     for i in $(seq 10); do mkdir -p "$data/$i" && cp "$images"/* "$data/$i/"; done
     for variant in pil device compiled resnet_cudagraphs; do
@@ -112,12 +112,12 @@ elif [ "$mode" = train ]; then
             reduce-overhead)
         echo "== train_$variant"
         timeout 200 python run_scripts/run_pretrain.py --model "$model" --train_dir "$data" \
-            --output_dir "/tmp/mfm_run_$variant" --per_device_train_batch_size 128 --max_train_steps 60 \
+            --output_dir "$scratch/run_$variant" --per_device_train_batch_size 128 --max_train_steps 60 \
             --warmup_steps 5 --mixed_precision bf16 --logging_steps 10 --visualization_steps 0 \
             --checkpointing_steps 1000 --report_to none --dataloader_num_workers 15 \
-            --cache_dir /tmp/datasets_cache "${extra[@]}" > "/tmp/mfm_run_$variant.log" 2>&1 \
-            || { echo "!! train_$variant failed or timed out"; tail -5 "/tmp/mfm_run_$variant.log"; }
-        python - "/tmp/mfm_run_$variant/logs/metrics.jsonl" "$results/train_$variant.json" <<'PYTHON'
+            --cache_dir "$scratch/datasets_cache" "${extra[@]}" > "$scratch/run_$variant.log" 2>&1 \
+            || { echo "!! train_$variant failed or timed out"; tail -5 "$scratch/run_$variant.log"; }
+        python - "$scratch/run_$variant/logs/metrics.jsonl" "$results/train_$variant.json" <<'PYTHON'
 import json, sys
 records = [json.loads(line) for line in open(sys.argv[1]) if '"img_per_s"' in line]
 late = [r["img_per_s"] for r in records if r["step"] > 20]

@@ -12,19 +12,35 @@ original in [0, 1]. CPU only, seconds.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image
 
 from modeling_mfm.frequency import filter_frequencies, low_pass_mask
+from modeling_mfm.training.cli import ScriptArgumentParser, run_script
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+@dataclass
+class MaskRadiusArguments:
+    cifar_file: str = field(metadata={"help": "CIFAR-10 parquet file(s), a quoted glob pattern."})
+    imagenet_dir: str | None = field(
+        default=None, metadata={"help": "A folder of ImageNet JPEGs (the official setting, for reference)."}
+    )
+    count: int = field(default=2000, metadata={"help": "CIFAR images to measure."})
+    radii: list[float] = field(
+        default_factory=lambda: [16 * 32 / 224, 2 * 16 * 32 / 224, 4.0, 4 * 16 * 32 / 224],
+        metadata={"help": "Radii to measure at 32 px (default: the official ratio 16 / 224, x2, 4 and x4)."},
+    )
 
 
 def radius_statistics(images: torch.Tensor, radius: float, patch: int) -> dict[str, float]:
@@ -71,14 +87,9 @@ def imagenet_images(folder: str, size: int = 224) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cifar_file", required=True, help="CIFAR-10 parquet file(s), a quoted glob pattern")
-    parser.add_argument("--imagenet_dir", help="a folder of ImageNet JPEGs (the official setting, for reference)")
-    parser.add_argument("--count", type=int, default=2000, help="CIFAR images to measure")
-    parser.add_argument("--radii", type=float, nargs="+", default=[16 * 32 / 224, 2 * 16 * 32 / 224, 4.0,
-                                                                   4 * 16 * 32 / 224])
-    args = parser.parse_args()
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = ScriptArgumentParser(MaskRadiusArguments, prog="mask_radius.py", description=__doc__.split("\n\n")[0])
+    (args,) = parser.parse_args_into_dataclasses(argv)
     rows = []
     if args.imagenet_dir:
         rows.append({"data": "ImageNet samples", **radius_statistics(imagenet_images(args.imagenet_dir), 16, 16)})
@@ -95,4 +106,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

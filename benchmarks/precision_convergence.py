@@ -3,11 +3,11 @@ and masks in each precision variant and compares the loss curves.
 
 The variants differ only in arithmetic: ``fp32``; ``bf16`` (the package's bf16 autocast, float32 residual stream);
 ``bf16_residual`` (autocast with the encoder's residual stream cast to bf16: pre-training's opt-in
-``--bf16_residual_stream``, which departs from the official recipe). The distance between ``fp32`` and ``bf16`` is the yardstick: a variant that
-stays as close to ``fp32`` as plain autocast does trains alike at this scale. Each variant runs in its own process
-(the package's `run_pretraining`, whose logs give the curve).
+``--bf16_residual_stream``, which departs from the official recipe). The distance between ``fp32`` and ``bf16`` is
+the yardstick: a variant that stays as close to ``fp32`` as plain autocast does trains alike at this scale. Each
+variant runs in its own process (the package's `run_pretraining`, whose logs give the curve).
 
-    python benchmarks/precision_convergence.py --train_dir ../shared/data/cifar10-mini/train --output_dir /tmp/pc
+    python benchmarks/precision_convergence.py --train_dir path/to/cifar10/train --output_dir runs/precision
 """
 
 from __future__ import annotations
@@ -18,11 +18,35 @@ import os
 import statistics
 import subprocess
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from modeling_mfm.training.cli import ScriptArgumentParser, run_script
 
 VARIANTS = ("fp32", "bf16", "bf16_residual")
 
 
-def run_variant(variant: str, args: argparse.Namespace) -> None:
+@dataclass
+class ConvergenceArguments:
+    train_dir: str = field(metadata={"help": "A folder of training images (imagefolder layout)."})
+    output_dir: str = field(metadata={"help": "One pre-training run per variant in <output_dir>/<variant>."})
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS),
+                                metadata={"help": "Precision variants to compare.", "choices": VARIANTS})
+    steps: int = field(default=1200, metadata={"help": "Optimizer steps per run."})
+    batch_size: int = field(default=64, metadata={"help": "Batch per step."})
+    base_learning_rate: float = field(default=1.5e-3, metadata={"help": "As pre-training's --base_learning_rate."})
+    image_size: int = field(default=64, metadata={"help": "Side of the training crops, in pixels."})
+    patch_size: int = field(default=8, metadata={"help": "ViT patch size."})
+    layers: int = field(default=6, metadata={"help": "ViT layers."})
+    logging_steps: int = field(default=50, metadata={"help": "Steps between two points of the loss curve."})
+    seed: int = field(default=0, metadata={"help": "Seed of every run (the same initialisation, data and masks)."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where datasets caches the folder's file list."})
+    single: str | None = field(  # internal: one run in this process
+        default=None, metadata={"help": argparse.SUPPRESS, "choices": VARIANTS}
+    )
+
+
+def run_variant(variant: str, args: ConvergenceArguments) -> None:
     """One pre-training run, in this process."""
     from modeling_mfm.training import pretrain
     from modeling_mfm.training.arguments import parse_arguments
@@ -55,22 +79,11 @@ def read_log(folder: str) -> tuple[dict[int, float], float]:
     return {r["step"]: r["loss"] for r in records}, statistics.median(r["img_per_s"] for r in records)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--train_dir", required=True)
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--steps", type=int, default=1200)
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--base_learning_rate", type=float, default=1.5e-3)
-    parser.add_argument("--image_size", type=int, default=64)
-    parser.add_argument("--patch_size", type=int, default=8)
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--logging_steps", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache_dir")
-    parser.add_argument("--single", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: one run in this process
-    args = parser.parse_args()
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = ScriptArgumentParser(ConvergenceArguments, prog="precision_convergence.py",
+                                  description=__doc__.split("\n\n")[0])
+    (args,) = parser.parse_args_into_dataclasses(argv)
     if args.single:
         run_variant(args.single, args)
         return
@@ -78,7 +91,7 @@ def main() -> None:
         if os.path.exists(os.path.join(args.output_dir, variant, "logs", "metrics.jsonl")):
             print(f"{variant}: already run, reading its log", flush=True)
             continue
-        command = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--single", variant]
+        command = [sys.executable, os.path.abspath(__file__), *argv, "--single", variant]
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     logs = {variant: read_log(os.path.join(args.output_dir, variant)) for variant in args.variants}
     curves = {variant: curve for variant, (curve, _) in logs.items()}
@@ -102,4 +115,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

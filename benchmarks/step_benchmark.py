@@ -269,8 +269,8 @@ def benchmark_input_pipeline(
     ``decode_on_device`` the workers only read the files and draw the crops, and each batch is decoded, cropped
     and resized on ``device`` (default: the accelerator, else the CPU) inside the timed loop. The first round of
     batches (one per worker, all made at once while the workers start) is not timed: the clock starts when the
-    last of them arrives, so that batches made before it do not inflate the rate (with 15 workers and 40 timed
-    batches, timing from the first batch read 8,318 img/s on an H100 host whose single worker made 313). A small
+    last of them arrives, so that batches made before it do not inflate the rate (with many workers, timing from
+    the first batch overstates it many times over). A small
     folder is repeated within one pass so that the workers never drain."""
     if num_workers < 0 or batches <= 0 or batch_size <= 0:
         raise ValueError(f"num_workers must be >= 0, batches and batch_size > 0; got {num_workers}, {batches}, "

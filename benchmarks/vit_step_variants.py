@@ -1,12 +1,5 @@
-"""Which changes bring the compiled ViT-B/16 MFM training step to its 3,500 img/s target, and what does each cost in
-agreement with float32? One run on a GPU measures them side by side.
-
-Measured on an H100 (torch 2.11, bf16, compiled; README "What limits further speed"), batch 128: the package's
-step as it was (patch convolutions, complex FFTs, three QKV projections) 2,845 img/s; with the patch GEMMs 2,965;
-with the real-input FFTs as well 2,956 (the FFT kernels take 0.5 ms less of the 41 ms step: within the noise); the
-bf16 residual stream 3,088; with fused QKV 3,138 (the package's step since). Batch 512: the package 3,336; the bf16
-stream, fused QKV and CUDA graphs 3,484, 3,518 with flash attention; batch 768: 3,526. Max-autotune had not finished
-compiling after 245 s (H100) nor after 307 s (H200), and cuBLAS beat its Triton templates on every GEMM by 12-25 %.
+"""Which changes make the compiled ViT-B/16 MFM training step faster, and what does each cost in agreement with
+float32? One run on a GPU measures them side by side (figures: docs/performance.md).
 
 Variants are applied from outside the package (hooks, patched methods and the package's own switches), so that
 nothing changes in it until a variant has earned its place; join parts with "+" to combine them.
@@ -21,7 +14,7 @@ nothing changes in it until a variant has earned its place; join parts with "+" 
   output is cast to bf16 once, so that the residual adds run in bf16 and LayerNorm reads bf16.
 - ``separate_qkv``: BEiT's three (768 x 768) projections for queries, keys and values, as transformers computes
   them, instead of the package's one (768 x 2304) GEMM (modeling_mfm/fast_paths/qkv_projection.py).
-- ``flash`` / ``cudnn`` / ``efficient``: force that SDPA kernel (the default on an H100 is cuDNN's).
+- ``flash`` / ``cudnn`` / ``efficient``: force that SDPA kernel (otherwise SDPA picks one).
 - ``max_autotune``: Inductor's ``max-autotune-no-cudagraphs`` mode (Triton GEMM templates, into which it can fuse
   the bias and GELU epilogues; compilation takes minutes).
 - ``cudagraphs``: the ``reduce-overhead`` mode.
@@ -33,11 +26,13 @@ nothing changes in it until a variant has earned its place; join parts with "+" 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import statistics
+import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from types import MethodType
 
 import torch
@@ -47,6 +42,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from modeling_mfm import FrequencyLoss, MFMConfig, MFMForPreTraining
 from modeling_mfm.fast_paths import apply_fast_paths, keep_residual_stream_in_bf16
+from modeling_mfm.training.cli import ScriptArgumentParser, run_script
 from modeling_mfm.training.monitoring import peak_reserved_bytes
 from modeling_mfm.training.optim import build_optimizer
 
@@ -125,8 +121,29 @@ def parse_variant(name: str) -> tuple[list, SDPBackend | None, str | None, dict]
             mode = COMPILE_MODES[part]
         elif part != "autocast":
             known = ["autocast", *PATCHES, *ATTENTION_KERNELS, *COMPILE_MODES]
-            raise SystemExit(f"unknown variant part {part!r}; known: {', '.join(known)}")
+            raise ValueError(f"unknown variant part {part!r}; known: {', '.join(known)}")
     return patches, kernel, mode, off
+
+
+@dataclass
+class VariantArguments:
+    preset: str = field(default="mfm-vit-base", metadata={"help": "MFMConfig preset of the model."})
+    batch_size: int = field(default=128, metadata={"help": "Images per step."})
+    image_size: int = field(default=224, metadata={"help": "Side of the square images, in pixels."})
+    steps: int = field(default=20, metadata={"help": "Timed steps per variant (after 3 untimed ones)."})
+    variants: list[str] = field(
+        default_factory=lambda: list(DEFAULT_VARIANTS),
+        metadata={"help": "Variants to time; join parts with '+' (see the module docstring for the parts)."},
+    )
+    device: str | None = field(default=None, metadata={"help": "Device (default: cuda when available, else cpu)."})
+    eager: bool = field(default=False, metadata={"help": "Time the eager step instead of the compiled one."})
+    profile_dir: str | None = field(
+        default=None, metadata={"help": "Write each variant's torch.profiler table (three steps) here."}
+    )
+
+    def __post_init__(self) -> None:
+        for name in self.variants:  # refuses typos before any work
+            parse_variant(name)
 
 
 def loss_and_gradient(model, pixel_values, mask, autocast: bool) -> tuple[float, torch.Tensor]:
@@ -179,19 +196,11 @@ def step_rate(model, pixel_values, steps: int, compile_mode: str | None, eager: 
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="mfm-vit-base")
-    parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--image_size", type=int, default=224)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--eager", action="store_true", help="Time the eager step instead of the compiled one.")
-    parser.add_argument("--profile_dir", help="Write each variant's torch.profiler table (three steps) here.")
-    args = parser.parse_args()
-    variants = {name: parse_variant(name) for name in args.variants}  # refuses typos before any work
-    device = torch.device(args.device)
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = ScriptArgumentParser(VariantArguments, prog="vit_step_variants.py", description=__doc__)
+    (args,) = parser.parse_args_into_dataclasses(argv)
+    variants = {name: parse_variant(name) for name in args.variants}
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     config = MFMConfig.from_preset(args.preset, image_size=args.image_size)
     torch.manual_seed(0)
     initial = MFMForPreTraining(config).state_dict()
@@ -239,4 +248,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

@@ -4,23 +4,24 @@
     accelerate launch run_scripts/run_finetune.py --model_name_or_path <checkpoint> --dataset_name <hub id> \\
         --output_dir <dir> [--recipe vit|resnet] [--push_to_hub --hub_model_id user/name]
 
-Every option: ``--help``; the logic lives in ``modeling_mfm.training.finetune``.
+Every option: ``--help``; the logic lives in ``modeling_mfm.training.finetune``. Exit codes: 0 done, 2 refused to
+start, 3 stopped (a failed write).
 """
 
-import logging
+from __future__ import annotations
 
-from transformers import HfArgumentParser
+import sys
+from collections.abc import Sequence
 
+from modeling_mfm.training.cli import ScriptArgumentParser, run_script
 from modeling_mfm.training.finetune import FinetuneArguments, finetune
-from modeling_mfm.training.run_folder import one_line_errors
 
 
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    (args,) = HfArgumentParser(FinetuneArguments).parse_args_into_dataclasses(args=argv)
-    with one_line_errors("run_finetune.py"):  # exit status 2: refused to start, 3: a write failed (full disk...)
-        finetune(args)
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = ScriptArgumentParser(FinetuneArguments, prog="run_finetune.py", description=__doc__.split("\n\n")[0])
+    (args,) = parser.parse_args_into_dataclasses(argv)
+    finetune(args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

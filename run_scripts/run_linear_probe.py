@@ -4,23 +4,25 @@
     accelerate launch run_scripts/run_linear_probe.py --model_name_or_path <checkpoint> \\
         --train_dir <folder> --validation_dir <folder> --output_dir <dir>
 
-Every option: ``--help``; the logic lives in ``modeling_mfm.training.linear_probe``.
+Every option: ``--help``; the logic lives in ``modeling_mfm.training.linear_probe``. Exit codes: 0 done, 2 refused
+to start, 3 stopped (a failed write).
 """
 
-import logging
+from __future__ import annotations
 
-from transformers import HfArgumentParser
+import sys
+from collections.abc import Sequence
 
+from modeling_mfm.training.cli import ScriptArgumentParser, run_script
 from modeling_mfm.training.linear_probe import LinearProbeArguments, run_linear_probe
-from modeling_mfm.training.run_folder import one_line_errors
 
 
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    (args,) = HfArgumentParser(LinearProbeArguments).parse_args_into_dataclasses(args=argv)
-    with one_line_errors("run_linear_probe.py"):  # exit status 2: refused to start, 3: a write failed (full disk...)
-        run_linear_probe(args)
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = ScriptArgumentParser(LinearProbeArguments, prog="run_linear_probe.py",
+                                  description=__doc__.split("\n\n")[0])
+    (args,) = parser.parse_args_into_dataclasses(argv)
+    run_linear_probe(args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

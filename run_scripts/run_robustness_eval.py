@@ -4,21 +4,25 @@
     accelerate launch run_scripts/run_robustness_eval.py --model_name_or_path <fine-tuned checkpoint> \\
         --imagenet_c_dir <dir> --imagenet_a_dir <dir> --imagenet_r_dir <dir> --imagenet_sketch_dir <dir>
 
-Every option: ``--help``; the logic lives in ``modeling_mfm.training.robustness``.
+Every option: ``--help``; the logic lives in ``modeling_mfm.training.robustness``. Exit codes: 0 done, 2 refused to
+start.
 """
 
-import logging
+from __future__ import annotations
 
-from transformers import HfArgumentParser
+import sys
+from collections.abc import Sequence
 
+from modeling_mfm.training.cli import ScriptArgumentParser, run_script
 from modeling_mfm.training.robustness import RobustnessArguments, run_robustness_eval
 
 
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    (args,) = HfArgumentParser(RobustnessArguments).parse_args_into_dataclasses(args=argv)
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = ScriptArgumentParser(RobustnessArguments, prog="run_robustness_eval.py",
+                                  description=__doc__.split("\n\n")[0])
+    (args,) = parser.parse_args_into_dataclasses(argv)
     run_robustness_eval(args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

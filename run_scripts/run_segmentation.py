@@ -5,23 +5,24 @@
         --data_dir ADEChallengeData2016 --output_dir <dir>
 
 Every option: ``--help``; the logic lives in ``modeling_mfm.training.segmentation_training`` and
-``modeling_mfm.training.segmentation_model``.
+``modeling_mfm.training.segmentation_model``. Exit codes: 0 done, 2 refused to start, 3 stopped (a failed write).
 """
 
-import logging
+from __future__ import annotations
 
-from transformers import HfArgumentParser
+import sys
+from collections.abc import Sequence
 
-from modeling_mfm.training.run_folder import one_line_errors
+from modeling_mfm.training.cli import ScriptArgumentParser, run_script
 from modeling_mfm.training.segmentation_training import SegmentationArguments, train_segmentation
 
 
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    (args,) = HfArgumentParser(SegmentationArguments).parse_args_into_dataclasses(args=argv)
-    with one_line_errors("run_segmentation.py"):  # exit status 2: refused to start, 3: a write failed (full disk...)
-        train_segmentation(args)
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = ScriptArgumentParser(SegmentationArguments, prog="run_segmentation.py",
+                                  description=__doc__.split("\n\n")[0])
+    (args,) = parser.parse_args_into_dataclasses(argv)
+    train_segmentation(args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

@@ -21,6 +21,7 @@ from conftest import TINY_BACKBONES, tiny_config
 from PIL import Image
 
 from modeling_mfm import MFMForPreTraining
+from modeling_mfm.training.cli import run_script
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PRESET_OVERRIDES = json.dumps({"image_size": 32, "backbone_overrides": {
@@ -35,14 +36,13 @@ def load_main(script: str):
 
 
 def run_in_process(script: str, argv: list[str]) -> int:
-    """``run_scripts/<script>``'s main() in this process -> its exit status (0 when it returns None)."""
+    """``run_scripts/<script>``'s main() in this process, as its command line runs it -> its exit code."""
     try:
-        code = load_main(script)(argv)
-    except SystemExit as stop:
-        code = stop.code
+        return run_script(load_main(script), argv)
+    except SystemExit as stop:  # the parser's refusals
+        return int(stop.code or 0)
     finally:
         AcceleratorState._reset_state(True)
-    return 0 if code is None else int(code)
 
 
 # ---------------------------------------------------------------------------------------------------- workspaces

@@ -33,7 +33,7 @@ def study(*arguments: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_smoke_runs_every_stage_writes_the_table_and_skips_finished_stages(tmp_path):
     output = tmp_path / "study"
-    cut = study("--smoke", "--output_dir", str(output), "--max_minutes", "0.15")  # stops in the middle of a stage
+    cut = study("--smoke", "--output_dir", str(output), "--max_minutes", "0.02")  # stops in the first stage
     assert cut.returncode == 3 and "--max_minutes reached in stage pretrain-mfm" in cut.stderr, cut.stderr[-3000:]
     assert not (output / "pretrain-mfm" / "stage.json").exists()
     first = study("--smoke", "--output_dir", str(output))  # the same command without the limit continues

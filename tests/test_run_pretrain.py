@@ -26,6 +26,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from modeling_mfm import MFMForPreTraining
+from modeling_mfm.training import cli
 from modeling_mfm.training.trackers import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,7 +105,7 @@ def load_script_main():
 def in_process():
     """Runs the script's main() in this process, resetting Accelerate's global state afterwards."""
     main = load_script_main()
-    yield main
+    yield lambda argv: cli.run_script(main, argv)
     AcceleratorState._reset_state(True)
 
 

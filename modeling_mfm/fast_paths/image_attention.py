@@ -3,8 +3,8 @@
 Why: transformers' BEiT and ViT ask ``create_bidirectional_mask`` for a mask, which is skipped (None) unless
 ``torch.compiler.is_exporting()`` is true. torch 2.7 to 2.13 report it true under plain ``torch.compile`` as well
 (pytorch#176347, fixed in 2.14), so a compiled encoder gets an all-True (B, 1, N, N) mask; flash and cuDNN attention
-refuse masks and SDPA falls back to its math kernel (bmm + softmax, partly in float32). Seen on an H100 with torch
-2.11: the compiled ViT-B/16 MFM step ran at 1,878 img/s against 2,037 eager, because of this.
+refuse masks and SDPA falls back to its math kernel (bmm + softmax, partly in float32): the compiled step then
+runs slower than the eager one (docs/performance.md).
 
 Images have no padding: every patch attends to every patch. The implementation registered here, ``IMAGE_SDPA``, is
 transformers' own SDPA attention with a mask function that returns no mask unless a padding mask is given (then the

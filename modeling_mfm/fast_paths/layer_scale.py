@@ -2,7 +2,7 @@
 
 transformers' BEiT keeps the float 1.0 as ``lambda_1``/``lambda_2`` when the layer scale is off
 (``layer_scale_init_value`` 0, as in every MFM ViT) and still multiplies every block's two branch outputs by it: a
-full-size kernel forward and backward, which the H100 profile puts at about 4 % of an eager ViT-B step.
+full-size kernel forward and backward for nothing (its share of the step: docs/performance.md).
 `UnitLayerScale` stands for that 1.0: multiplying by it returns the tensor itself. torch.compile (2.14 and later)
 sees a plain 1.0, whose multiply it fuses away, with no graph break; earlier versions break the graph at each
 multiply (two per block), so there the plain 1.0 stays (`FLOAT_SUBCLASSES_TRACEABLE`).
@@ -17,8 +17,8 @@ from torch import nn
 
 __all__ = ["FLOAT_SUBCLASSES_TRACEABLE", "UnitLayerScale", "skip_unit_layer_scales"]
 
-# torch.compile traces arithmetic on float subclasses from torch 2.14 on; torch 2.11 breaks the graph there (seen on
-# an H100: the compiled ViT-B/16 step ran with 24 eager islands per step).
+# torch.compile traces arithmetic on float subclasses from torch 2.14 on; earlier versions break the graph at each
+# such multiply (two per block).
 FLOAT_SUBCLASSES_TRACEABLE = torch.__version__ >= "2.14"
 _SCALES = ("lambda_1", "lambda_2")
 

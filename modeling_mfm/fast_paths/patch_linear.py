@@ -2,10 +2,9 @@
 decoder's 1x1 convolution before PixelShuffle. Each becomes one GEMM over the patches, with the convolution's
 parameters unchanged (shared, same names and shapes: checkpoints and the official conversion are untouched).
 
-Why: in the compiled ViT-B/16 step on an H100 (bf16, batch 128, about 42 ms), these two cuDNN convolutions took
-about 2.1 ms per step, forward and backward, NCHW -> NHWC conversions included, for work that is two
-(25,088 x 768 x 768) GEMMs: about 0.04 ms each at the GEMM rate of the same step. The function is the same; only
-the order in which the products are summed may differ, as between any two kernels.
+Why: as cuDNN convolutions, NCHW -> NHWC conversions included, they take many times as long as the two GEMMs they
+amount to (the profile: docs/performance.md). The function is the same; only the order in which the products are
+summed may differ, as between any two kernels.
 """
 
 from __future__ import annotations

@@ -2,8 +2,7 @@
 
 Why: transformers' BEiT and ViT attention project queries, keys and values with three ``nn.Linear`` layers; the
 official MFM (and timm) ViT computes them as one ``qkv`` projection. One GEMM three times as wide uses the GPU better
-and its backward needs one input-gradient GEMM instead of three plus two sums: on an H100 the compiled ViT-B/16 MFM
-step (bf16, batch 128) went from 3,088 to 3,138 img/s (+1.6 %).
+and its backward needs one input-gradient GEMM instead of three plus two sums (the gain: docs/performance.md).
 
 The parameters stay the three layers of transformers (the same names and checkpoints); their weights are
 concatenated on the fly, which costs a copy of 3·D² weights per layer and step, and autograd splits the gradient
@@ -15,8 +14,8 @@ The fused path only reads the three layers' weights, so it is taken only where t
 quantised subclass, a hooked layer or one whose forward Accelerate wrapped (offloading) sends the attention through
 transformers' forward, which calls the layers. Attention modules of a subclass of transformers' class are left alone.
 
-Only on the devices in `FUSED_DEVICE_TYPES` (CUDA): on a CPU the fused step was slower (ViT-B/16 float32, batch 4,
-eager: 2,846 against 2,693 ms and 3,042 against 2,931 ms), so there the layers run transformers' own forward.
+Only on the devices in `FUSED_DEVICE_TYPES` (CUDA): on a CPU the fused step was slower, so there the layers run
+transformers' own forward.
 
 This relies on transformers internals (the attention classes of ``modeling_beit``/``modeling_vit``, their
 ``q_proj``...``o_proj`` layers and ``eager_attention_forward``): `resolve` raises `MissingInternal` when a release

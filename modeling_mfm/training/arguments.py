@@ -15,9 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from transformers import HfArgumentParser
-
 from ..configuration_mfm import MFMConfig
+from .cli import ScriptArgumentParser
 from .model_factory import config_fields
 
 __all__ = [
@@ -37,7 +36,7 @@ __all__ = [
 # torch.compile's modes.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
-# The official MFM ViT pre-training recipe (see DESIGN.md).
+# The official MFM ViT pre-training recipe (the official code's ViT-B/16 configuration).
 OFFICIAL_DEFAULTS: dict[str, Any] = {
     "model": "mfm-vit-base",
     "output_dir": "mfm-pretrain",
@@ -198,7 +197,7 @@ class PretrainingArguments:
     torch_compile_mode: str = field(
         default="default",
         metadata={"help": "torch.compile mode; reduce-overhead replays CUDA graphs, which helps steps whose kernels "
-                          "run faster than Python launches them (ResNet-50 on an H100).", "choices": COMPILE_MODES},
+                          "run faster than Python launches them (ResNet-50 on a fast GPU).", "choices": COMPILE_MODES},
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
     fast_paths: bool = field(
@@ -209,9 +208,8 @@ class PretrainingArguments:
     bf16_residual_stream: bool = field(
         default=False,
         metadata={"help": "ViT encoders with --mixed_precision bf16: keep the residual stream in bf16 instead of "
-                          "float32 (faster: ViT-B/16 compiled on an H100, 2,825 -> 2,983 img/s at batch 128; but it "
-                          "departs from the official recipe: in small CPU runs the loss was 0.07-0.32 % higher late in "
-                          "training and the linear probe 0.5-2.5 points lower; see docs/performance.md)."},
+                          "float32: faster, but it departs from the official recipe and in small runs trained "
+                          "slightly worse (the trade-off: docs/performance.md)."},
     )
     cudnn_benchmark: bool = field(
         default=True,
@@ -292,19 +290,18 @@ def config_override_dataclass() -> type:
     )
 
 
-def build_argument_parser() -> HfArgumentParser:
-    parser = HfArgumentParser((PretrainingArguments, config_override_dataclass()))
-    parser.description = (
-        "Masked Frequency Modeling pre-training with Accelerate. With no data argument it runs the embedded demo "
-        "(photos bundled with scikit-image); otherwise it follows the official recipe."
+def build_argument_parser() -> ScriptArgumentParser:
+    return ScriptArgumentParser(
+        (PretrainingArguments, config_override_dataclass()), prog="run_pretrain.py",
+        description="Masked Frequency Modeling pre-training with Accelerate. With no data argument it runs the "
+                    "embedded demo (photos bundled with scikit-image); otherwise it follows the official recipe.",
     )
-    return parser
 
 
 def parse_arguments(argv: list[str] | None = None) -> tuple[PretrainingArguments, dict[str, Any]]:
     """Parses the command line into the arguments and the MFMConfig overrides that were actually given."""
     parser = build_argument_parser()
-    args, overrides = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    args, overrides = parser.parse_args_into_dataclasses(argv)
     given = {k: v for k, v in dataclasses.asdict(overrides).items() if v is not None}
     return args, given
 

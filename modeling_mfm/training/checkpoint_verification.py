@@ -32,6 +32,8 @@ import torch
 from accelerate.utils.other import TORCH_SAFE_GLOBALS
 from safetensors import safe_open
 
+from .cli import ScriptError
+
 __all__ = ["RNG_STATE_PREFIX", "CheckpointVerificationError", "verify_checkpoint"]
 
 RNG_STATE_PREFIX = "random_states_"
@@ -39,8 +41,9 @@ TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
 TRAINER_STATE_NAME = "trainer_state.json"  # also in checkpointing (which imports this module)
 
 
-class CheckpointVerificationError(ValueError):
-    """A file of a checkpoint folder is unsafe, unreadable or missing; the message names it, on one line."""
+class CheckpointVerificationError(ScriptError):
+    """A file of a checkpoint folder is unsafe, unreadable or missing; the message names it, on one line (exit
+    code 2)."""
 
 
 def _one_line(error: BaseException) -> str:

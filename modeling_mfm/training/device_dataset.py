@@ -1,9 +1,9 @@
 """Small-image datasets kept on the training device: decoded once, then batched, cropped and flipped there.
 
-Why: at 32x32 a training step on an H100/H200 takes a few milliseconds for hundreds of images, while a per-sample
-CPU pipeline (open, decode, crop, resize, collate, copy) spends a few hundred microseconds of a core on each image,
-nearly all of it Python overhead rather than pixels. Here the images are decoded once (`load_device_images`, in DataLoader workers) into one ``uint8`` tensor
-(N, 3, S, S) on the device (CIFAR-10's 50,000 images: 147 MiB), and `DeviceBatches` makes every batch there:
+Why: at 32x32 a GPU trains on hundreds of images in less time than a per-sample CPU pipeline (open, decode, crop,
+resize, collate, copy) takes to make them, nearly all of it Python overhead rather than pixels. Here the images are
+decoded once (`load_device_images`, in DataLoader workers) into one ``uint8`` tensor (N, 3, S, S) on the device
+(CIFAR-10's 50,000 images: 147 MiB), and `DeviceBatches` makes every batch there:
 
 * order: a permutation of the N rows drawn on the device from ``(seed, epoch)``; global batch ``g`` of an epoch is
   rows ``g * B ... (g + 1) * B - 1`` of it, and process ``p`` of ``P`` takes batches ``p, p + P, ...`` (as

@@ -1,8 +1,8 @@
 """JPEG decoding on the accelerator: workers only read the file and draw the crop, the device decodes, crops,
 resizes and flips.
 
-Why: a PIL worker decodes, crops and resizes about 250 ImageNet JPEGs per second per core, so a 16-core host feeds
-at most ~4,000 img/s to a GPU whose MFM step can take more. With ``--decode_on_device`` a worker reads the JPEG's
+Why: a PIL worker decodes, crops and resizes a few hundred ImageNet JPEGs per second per core (docs/performance.md),
+so a host with few cores per GPU cannot feed a fast MFM step. With ``--decode_on_device`` a worker reads the JPEG's
 header (size, mode) and its bytes, draws the RandomResizedCrop box and the flip from the sample's generator exactly
 as `PretrainTransform` does (same draws, same order: the same sample gets the same crop on either path), and
 returns an `EncodedCrop`. On the device, `decode_batch` decodes the batch with ``torchvision.io.decode_jpeg``
@@ -16,8 +16,8 @@ the accelerator would have to be read back (a host-device synchronisation per im
 On CUDA the decoder runs under a stream of its own (`decode_jpegs`). torchvision's nvJPEG decoder allocates its
 outputs on the current stream but writes them from a private stream that does not wait for the current one; the
 caching allocator hands it blocks that kernels still queued on the training stream (the last step's backward and
-optimizer) are about to read, and the decoder overwrites them: parameters turn to NaN a few steps into training
-(seen on an H100, 2026-11). Under a stream that runs no kernels, the decoder only gets blocks that stream freed, and
+optimizer) are about to read, and the decoder overwrites them: parameters turn to NaN a few steps into training.
+Under a stream that runs no kernels, the decoder only gets blocks that stream freed, and
 `Tensor.record_stream` keeps each image's block from returning to it while the training stream still uses it.
 """
 

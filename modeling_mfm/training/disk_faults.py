@@ -15,6 +15,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from .cli import RunStopped
+
 __all__ = ["LOW_SPACE_BYTES", "WriteFailedError", "is_disk_full", "write_failure", "write_faults"]
 
 # Less free space than this after a failed write: the disk is full (the write that failed needed more).
@@ -22,8 +24,8 @@ LOW_SPACE_BYTES = 16 * 2**20
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
-class WriteFailedError(OSError):
-    """Writing the run's outputs failed; the message names the path and the cause, on one line."""
+class WriteFailedError(RunStopped, OSError):
+    """Writing the run's outputs failed; the message names the path and the cause, on one line (exit code 3)."""
 
 
 def _free_bytes(path: Path) -> int | None:

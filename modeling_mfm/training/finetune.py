@@ -227,6 +227,10 @@ class FinetuneArguments(ClassificationDataArguments):
         args._check()
         return args
 
+    def check(self) -> None:
+        """Raises ValueError for a value `finetune` would refuse (the command line checks it at parse time)."""
+        self.resolved()
+
     def _check(self) -> None:
         if (self.model_name_or_path is None) == (self.preset is None):
             raise ValueError("give exactly one of --model_name_or_path and --preset")

@@ -113,8 +113,8 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
 def preferred_memory_format(config: MFMConfig, device: torch.device | str) -> torch.memory_format:
     """channels_last for CNN backbones on CUDA (cuDNN's fast convolution layout; a convolution whose weight is
     channels_last also runs its input and output in that layout), and for ResNets on CPUs too, where oneDNN's
-    convolutions make the ResNet-50 step about 15 % faster with it. ConvNeXt on a CPU (2 % slower with it, in
-    alternating steps), ViTs and other devices stay contiguous."""
+    convolutions are faster in it (docs/performance.md). ConvNeXt on a CPU (slower with it), ViTs and other devices
+    stay contiguous."""
     device_type = torch.device(device).type
     if config.is_vit:
         return torch.contiguous_format

@@ -12,6 +12,8 @@ import sys
 
 import torch
 
+from .cli import ScriptError
+
 __all__ = [
     "MixedPrecisionError",
     "describe_hardware",
@@ -22,8 +24,8 @@ __all__ = [
 ]
 
 
-class MixedPrecisionError(ValueError):
-    """The requested mixed precision cannot run on this device."""
+class MixedPrecisionError(ScriptError):
+    """The requested mixed precision cannot run on this device (exit code 2)."""
 
 
 def precision_in_effect(accelerator) -> str:
@@ -58,7 +60,7 @@ def peak_reserved_bytes(device: torch.device | str) -> int | None:
     """Peak memory the allocator held from the accelerator (CUDA / XPU), cache and CUDA-graph pools included; None
     elsewhere. Why beside `peak_memory_bytes`: replayed CUDA graphs (torch.compile's reduce-overhead mode) keep
     their activations in a private pool that their replays never allocate from again, so after a reset the
-    allocated peak misses them (a ResNet-50 step read 512 MiB), while the reserved peak keeps them."""
+    allocated peak misses them, while the reserved peak keeps them."""
     device = torch.device(device)
     if device.type == "cuda":
         return int(torch.cuda.max_memory_reserved(device))

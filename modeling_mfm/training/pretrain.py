@@ -52,6 +52,7 @@ from .arguments import (
     resolve_defaults,
 )
 from .checkpointing import save_checkpoint
+from .cli import ScriptError
 from .data import (
     EpochShuffleSampler,
     HFImageSource,
@@ -125,8 +126,8 @@ RUN_ONLY_ARGUMENTS = frozenset({
 })
 
 
-class PretrainingArgumentError(ValueError):
-    """The run cannot start: an argument, the data or the model configuration is invalid."""
+class PretrainingArgumentError(ScriptError):
+    """The run cannot start: an argument, the data or the model configuration is invalid (exit code 2)."""
 
 
 @dataclass
@@ -166,7 +167,7 @@ def _available_cores() -> int:
 
 
 # DataLoader workers per process by default: all the cores a process has but one (which runs the training loop), at
-# most MAX_DEFAULT_WORKERS with an accelerator (32 PIL workers make about 9,000 ImageNet img/s) and at most
+# most MAX_DEFAULT_WORKERS with an accelerator (enough PIL workers for the fastest step) and at most
 # MAX_DEFAULT_CPU_WORKERS when the CPU also runs the step (it needs far fewer images than one worker makes).
 MAX_DEFAULT_WORKERS = 32
 MAX_DEFAULT_CPU_WORKERS = 8

@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -26,22 +25,20 @@ import logging
 import os
 import shutil
 import socket
-import sys
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, Self
 
 import torch
 
-from .checkpoint_verification import CheckpointVerificationError, verify_checkpoint
+from .checkpoint_verification import verify_checkpoint
 from .checkpointing import (
     list_checkpoints,
     read_trainer_state,
     remove_stale_temporaries,
     resolve_checkpoint,
 )
-from .disk_faults import WriteFailedError
-from .monitoring import MixedPrecisionError
+from .cli import ScriptError
 
 try:
     import fcntl
@@ -50,7 +47,6 @@ except ImportError:  # Windows: no advisory locks through fcntl
 
 __all__ = [
     "LOCK_NAME",
-    "RUN_ERRORS",
     "OutputFolderLock",
     "RunFolderError",
     "check_settings",
@@ -59,7 +55,6 @@ __all__ = [
     "describe_changes",
     "describe_settings_changes",
     "find_resume_checkpoint",
-    "one_line_errors",
     "trajectory_settings",
 ]
 
@@ -69,12 +64,8 @@ LOCK_NAME = "run.lock"
 ABSENT = "(absent)"
 
 
-class RunFolderError(ValueError):
-    """The run cannot use its output folder as asked (busy, checkpoints in the way, changed settings)."""
-
-
-# what a script reports as one line on stderr: refusals before the run (exit 2), faults during it (exit 3)
-RUN_ERRORS = (RunFolderError, CheckpointVerificationError, MixedPrecisionError)
+class RunFolderError(ScriptError):
+    """The run cannot use its output folder as asked (busy, checkpoints in the way, changed settings): exit code 2."""
 
 
 # ---------------------------------------------------------------------------------------------------- the lock
@@ -284,18 +275,3 @@ def check_settings(
 def describe_settings_changes(history: list[Mapping[str, Any]]) -> str:
     """``[{"step": 4, "changes": [...]}, ...]`` (as kept in the trainer state) -> one line for a model card."""
     return "; ".join(f"at step {entry['step']}: {', '.join(entry['changes'])}" for entry in history)
-
-
-# ---------------------------------------------------------------------------------------------------- scripts
-@contextlib.contextmanager
-def one_line_errors(script: str) -> Iterator[None]:
-    """Turns the refusals of this module (exit status 2) and a failed write of the outputs (exit status 3) into one
-    line on stderr."""
-    try:
-        yield
-    except RUN_ERRORS as error:
-        print(f"{script}: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except WriteFailedError as error:
-        print(f"{script}: stopped: {error}", file=sys.stderr)
-        raise SystemExit(3) from None

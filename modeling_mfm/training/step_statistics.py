@@ -12,11 +12,13 @@ from typing import Any
 
 import torch
 
+from .cli import RunStopped
+
 __all__ = ["NonFiniteLossError", "StepStatistics"]
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stopped, leaving the last good checkpoint."""
+class NonFiniteLossError(RunStopped, RuntimeError):
+    """The loss became NaN or infinite; the run stopped, leaving the last good checkpoint (exit code 3)."""
 
 
 class StepStatistics:

@@ -5,11 +5,11 @@ Why not torchvision's transform object: the crop parameters here are drawn from 
 resumed run produces it; and the crop is known *before* the image is decoded, which lets JPEGs be decoded at a
 reduced resolution (PIL draft mode, DCT scaling by 1/2, 1/4 or 1/8) when the crop is going to be downscaled anyway
 (the crop box is then mapped to the reduced image, to the nearest reduced pixel). JPEGs decoded at full size go
-through torchvision's libjpeg-turbo decoder instead of PIL's: the same pixels, 30 % faster.
+through torchvision's libjpeg-turbo decoder instead of PIL's: the same pixels, faster.
 
 The crop is cut, then resized with antialiased bicubic interpolation, as torchvision's ``resized_crop`` does on PIL
 images in the official pipeline; the resize runs in torch's ``uint8`` kernel, which reproduces PIL's BICUBIC filter
-about three times faster than PIL's own resize (which cost a worker a third of its time per ImageNet image).
+faster than PIL's own resize (``benchmarks/benchmark.py --pipeline_stages`` times both).
 
 The output is a ``uint8`` tensor (C, H, W): four times less data through worker queues, pinned memory and the
 host-to-device copy than float32. Normalisation happens on the device (`normalize_on_device`).
@@ -199,9 +199,9 @@ def _decode_full_jpeg(image: Image.Image) -> torch.Tensor | None:
     """A lazily opened RGB or greyscale JPEG -> ``uint8`` (3, H, W) by torchvision's libjpeg-turbo decoder, or None
     when PIL must decode it (CMYK, or an image already loaded: then PIL has no tiles left to decode).
 
-    Why: PIL decodes into 4-byte pixels and then packs them to RGB; torchvision writes packed RGB directly. On
-    ImageNet JPEGs this takes 1.6 instead of 2.2 ms per image on one core, and the pixels are the same (both are
-    libjpeg-turbo with the same settings, and neither applies the EXIF orientation). The result is, like PIL's, a
+    Why: PIL decodes into 4-byte pixels and then packs them to RGB; torchvision writes packed RGB directly, which
+    is faster, and the pixels are the same (both are libjpeg-turbo with the same settings, and neither applies the
+    EXIF orientation). The result is, like PIL's, a
     (3, H, W) view of height x width x 3 memory, the layout the ``uint8`` resize is fastest on. PIL does not read
     the file then, so it does not close it either: open images with ``with``.
     """
