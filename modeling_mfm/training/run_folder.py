@@ -35,13 +35,14 @@ import torch
 
 from .checkpoint_verification import CheckpointVerificationError, verify_checkpoint
 from .checkpointing import (
+    TrainerState,
     list_checkpoints,
     read_trainer_state,
     remove_stale_temporaries,
     resolve_checkpoint,
 )
 from .disk_faults import WriteFailedError
-from .monitoring import MixedPrecisionError
+from .monitoring import MixedPrecisionError, precision_in_effect
 
 try:
     import fcntl
@@ -59,7 +60,9 @@ __all__ = [
     "describe_changes",
     "describe_settings_changes",
     "find_resume_checkpoint",
+    "hold_output_dir",
     "one_line_errors",
+    "resume_run",
     "trajectory_settings",
 ]
 
@@ -156,6 +159,27 @@ def claim_output_dir(output_dir: str | os.PathLike, accelerator: Any) -> OutputF
     return lock
 
 
+@contextlib.contextmanager
+def hold_output_dir(
+    accelerator: Any, output_dir: str | os.PathLike, refusal: type[ValueError] | None = None
+) -> Iterator[str]:
+    """A run's life in its output folder: the mixed precision checked (`precision_in_effect`, yielded), the folder
+    locked (`claim_output_dir`), and Accelerate's trackers and process group ended however the run ends.
+    ``refusal``: the error type a refusal to start is raised as (default: as it comes)."""
+    try:
+        try:
+            precision = precision_in_effect(accelerator)
+            lock = claim_output_dir(output_dir, accelerator)
+        except RUN_ERRORS as error:
+            if refusal is None:
+                raise
+            raise refusal(str(error)) from error
+        with lock:
+            yield precision
+    finally:
+        accelerator.end_training()
+
+
 # ---------------------------------------------------------------------------------------------------- resuming
 def find_resume_checkpoint(
     resume_from_checkpoint: str | None,
@@ -194,6 +218,26 @@ def find_resume_checkpoint(
         )
     verify_checkpoint(checkpoint, accelerator.num_processes)
     return checkpoint, read_trainer_state(checkpoint)
+
+
+def resume_run(accelerator: Any, arguments: Any, state: TrainerState, settings: dict[str, Any]) -> Path | None:
+    """Continues the prepared model, optimizer, RNG... and ``state`` from the checkpoint the resume rule picks, after
+    checking that the run keeps its ``settings``; returns that checkpoint (None: a fresh start). ``arguments``: the
+    run's (``output_dir``, ``resume_from_checkpoint``, ``overwrite_output_dir``, ``allow_changed_settings``)."""
+    checkpoint, saved = find_resume_checkpoint(arguments.resume_from_checkpoint, arguments.output_dir, accelerator,
+                                               arguments.overwrite_output_dir)
+    state.settings = settings
+    if checkpoint is None:
+        return None
+    changes = check_settings(checkpoint, saved, settings, arguments.allow_changed_settings)
+    accelerator.load_state(str(checkpoint))
+    for item in dataclasses.fields(state):
+        if item.name in saved and item.name != "settings":
+            setattr(state, item.name, saved[item.name])
+    if changes:
+        state.settings_changes.append({"step": state.step, "changes": changes})
+    accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+    return checkpoint
 
 
 # ---------------------------------------------------------------------------------------------------- settings
