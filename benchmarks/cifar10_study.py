@@ -151,14 +151,15 @@ class Study:
             "--per_device_train_batch_size", str(plan.finetune_batch), "--per_device_eval_batch_size", "1024",
             "--base_learning_rate", str(plan.finetune_base_lr), "--warmup_epochs", str(plan.finetune_warmup_epochs),
             "--layer_decay", str(layer_decay), "--mixed_precision", self.mixed_precision,
-            "--num_workers", str(self.args.num_workers), "--seed", str(self.args.seed),
+            "--dataloader_num_workers", str(self.args.num_workers), "--seed", str(self.args.seed),
             "--logging_steps", str(plan.logging_steps), "--resume_from_checkpoint", "latest", "--report_to", "none",
         ]
 
     def probe_command(self, model: Path, output: Path) -> list[str]:
         return [
             "run_linear_probe.py", "--model_name_or_path", str(model), *self.data_flags(), "--crop_pct", "1.0",
-            "--output_dir", str(output), "--per_device_batch_size", "1024", "--num_workers", str(self.args.num_workers),
+            "--output_dir", str(output), "--per_device_eval_batch_size", "1024",
+            "--dataloader_num_workers", str(self.args.num_workers),
             "--linear_epochs", str(self.plan.probe_epochs), "--seed", str(self.args.seed),
         ]
 

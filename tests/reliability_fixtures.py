@@ -77,7 +77,7 @@ def finetune_args(ws: dict, output: Path, *extra: str) -> list[str]:
     return ["--preset", "mfm-vit-tiny", "--config_overrides", TINY_PRESET_OVERRIDES, "--num_train_epochs", "1",
             "--train_dir", str(folders / "train"), "--validation_dir", str(folders / "validation"),
             "--output_dir", str(output), "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4",
-            "--num_workers", "0", "--logging_steps", "1", "--warmup_epochs", "1", *extra]
+            "--dataloader_num_workers", "0", "--logging_steps", "1", "--warmup_epochs", "1", *extra]
 
 
 def segmentation_workspace(root: Path) -> dict:
@@ -102,7 +102,7 @@ def segmentation_args(ws: dict, output: Path, *extra: str) -> list[str]:
     return ["--model_name_or_path", str(ws["model"]), "--data_dir", str(ws["data"]), "--output_dir", str(output),
             "--num_labels", "3", "--crop_size", "32", "--max_train_steps", "2", "--per_device_train_batch_size", "2",
             "--warmup_steps", "1", "--eval_steps", "2", "--checkpointing_steps", "2", "--hidden_size", "16",
-            "--num_workers", "0", *extra]
+            "--dataloader_num_workers", "0", *extra]
 
 
 # ---------------------------------------------------------------------------------------------------- bad files

@@ -233,7 +233,8 @@ def test_finetuning_on_the_device_resumes_bit_exactly_and_refuses_randaugment(tm
             preset="mfm-vit-tiny", config_overrides=f'{{"image_size": 32, "backbone_overrides": {BACKBONE}}}',
             train_file=str(files), validation_split_size=9, output_dir=str(output), dataset_on_device=True,
             auto_augment="none", crop_pct=1.0, per_device_train_batch_size=8, per_device_eval_batch_size=16,
-            num_train_epochs=2, warmup_epochs=1, num_workers=0, logging_steps=1, cache_dir=str(tmp_path / "cache"),
+            num_train_epochs=2, warmup_epochs=1, dataloader_num_workers=0, logging_steps=1,
+            cache_dir=str(tmp_path / "cache"),
             **extra)
 
     def run(args):

@@ -52,7 +52,7 @@ def pretrained(tmp_path_factory):
 def common_args(folders, tmp_path, output):
     return ["--train_dir", str(folders / "train"), "--validation_dir", str(folders / "validation"),
             "--output_dir", str(output), "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4",
-            "--num_workers", "0", "--cache_dir", str(tmp_path / "cache"), "--logging_steps", "1",
+            "--dataloader_num_workers", "0", "--cache_dir", str(tmp_path / "cache"), "--logging_steps", "1",
             "--warmup_epochs", "1"]
 
 

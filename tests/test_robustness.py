@@ -102,13 +102,13 @@ def test_run_robustness_eval_end_to_end(tmp_path):
     (tmp_path / "sketch" / a_first / "1.JPEG").write_bytes(b"\xff\xd8 not a JPEG")  # unreadable: left out, counted
     (tmp_path / "sketch" / a_first / "2.JPEG").symlink_to(tmp_path / "nowhere.JPEG")  # broken link: counted
 
-    output = tmp_path / "results.json"
+    output = tmp_path / "robustness"
     result = run_script("run_robustness_eval.py", [
         "--model_name_or_path", str(tmp_path / "classifier"), "--imagenet_c_dir", str(tmp_path / "c"),
         "--imagenet_a_dir", str(tmp_path / "a"), "--imagenet_r_dir", str(tmp_path / "r"),
-        "--imagenet_sketch_dir", str(tmp_path / "sketch"), "--num_workers", "0", "--per_device_batch_size", "3",
-        "--output_file", str(output)], tmp_path)
-    results = json.loads(output.read_text())
+        "--imagenet_sketch_dir", str(tmp_path / "sketch"), "--dataloader_num_workers", "0",
+        "--per_device_eval_batch_size", "3", "--output_dir", str(output)], tmp_path)
+    results = json.loads((output / "results.json").read_text())
     clean = {"num_unreadable": 0, "unlisted_entries": 0}
     assert results["imagenet_a"] == {"top1": pytest.approx(200 / 3), "num_samples": 3, **clean}
     assert results["imagenet_r"] == {"top1": pytest.approx(25.0), "num_samples": 4, **clean}

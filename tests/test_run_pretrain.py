@@ -296,16 +296,16 @@ def test_decode_on_device_follows_the_pil_paths_trajectory(workspace, in_process
     """The same crops, masks and steps with JPEGs decoded by the 'device' (the CPU here): the losses follow the PIL
     path's (--no_jpeg_draft, full-size decoding) up to the two decoders' rounding; other images, the corrupt file
     and the pictures take their usual paths."""
-    from modeling_mfm.training import pretrain
+    from modeling_mfm.training import pretraining_data
 
     decoded_batches = []
-    real_decode_batch = pretrain.decode_batch
+    real_decode_batch = pretraining_data.decode_batch
 
     def counting_decode_batch(batch, size, device):
         decoded_batches.append(len(batch["jpeg_crops"]))
         return real_decode_batch(batch, size, device)
 
-    monkeypatch.setattr(pretrain, "decode_batch", counting_decode_batch)
+    monkeypatch.setattr(pretraining_data, "decode_batch", counting_decode_batch)
     losses = {}
     for name, flag in (("pil", "--no_jpeg_draft"), ("device", "--decode_on_device")):
         out = workspace["root"] / f"decode-{name}"

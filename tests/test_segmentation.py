@@ -17,6 +17,7 @@ from transformers import AutoImageProcessor, UperNetForSemanticSegmentation
 from modeling_mfm import MFMForPreTraining
 from modeling_mfm.training.segmentation_model import default_out_indices, resize_position_embeddings, upernet_from_mfm
 from modeling_mfm.training.segmentation_training import confusion_matrix, iou_from_confusion, sliding_window_logits
+from modeling_mfm.training.trackers import read_metrics
 
 
 def four_layer(backbone: str):
@@ -136,9 +137,21 @@ def test_run_segmentation_end_to_end(tmp_path):
         "--model_name_or_path", str(tmp_path / "mfm"), "--data_dir", str(tmp_path / "ade"),
         "--output_dir", str(tmp_path / "out"), "--num_labels", "3", "--crop_size", "32", "--max_train_steps", "4",
         "--per_device_train_batch_size", "2", "--warmup_steps", "1", "--eval_steps", "2", "--checkpointing_steps", "2",
-        "--hidden_size", "16", "--num_workers", "0"], tmp_path)
+        "--hidden_size", "16", "--dataloader_num_workers", "0", "--push_to_hub", "--hub_model_id",
+        "someone/tiny-upernet", "--hub_local_dir", str(tmp_path / "hub"), "--hub_token", "not-a-token"], tmp_path)
     results = json.loads((tmp_path / "out" / "all_results.json").read_text())
     assert results["global_step"] == 4 and [h["step"] for h in results["history"]] == [2, 4]
+    assert "hub_token" not in results["arguments"]  # credentials are never written
+    records = read_metrics(tmp_path / "out" / "logs" / "metrics.jsonl")
+    assert [r["eval/mean_iou"] for r in records if "eval/mean_iou" in r] == [h["mean_iou"] for h in results["history"]]
+    # the push published the best model, its processor and a card with its mean IoU, not the checkpoints or logs
+    published = tmp_path / "hub" / "someone" / "tiny-upernet"
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= {
+        p.name for p in published.iterdir()}
+    assert not (published / "checkpoints").exists() and not (published / "logs").exists()
+    best = max(h["mean_iou"] for h in results["history"])
+    card = (published / "README.md").read_text()
+    assert "pipeline_tag: image-segmentation" in card and f"value: {round(best, 3)}" in card
     assert all(h["num_samples"] == 3 and 0 <= h["mean_iou"] <= 100 for h in results["history"])
     assert (tmp_path / "out" / "checkpoints" / "checkpoint-4").is_dir()
     assert UperNetForSemanticSegmentation.from_pretrained(tmp_path / "out").config.num_labels == 3

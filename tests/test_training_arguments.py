@@ -181,7 +181,7 @@ def test_cudnn_autotuning_is_on_by_default_on_cuda_only_and_restored():
 
 
 def test_default_workers_use_the_host_cores_capped_lower_when_the_cpu_trains():
-    from modeling_mfm.training.pretrain import default_num_workers
+    from modeling_mfm.training.pretraining_data import default_num_workers
 
     # a 16-core host with one GPU: 15 workers (8 PIL workers could not feed the compiled ViT-B/16 step)
     assert default_num_workers(1, "cuda", cores=16) == 15

@@ -189,3 +189,31 @@ def test_streaming_split_by_node_and_skips(tmp_path, transform):
     samples = [next(iterator) for _ in range(12)]  # cycles past the end of the 7-file stream
     assert all(s["pixel_values"].shape == (3, 16, 16) for s in samples)
     assert sum(s["skipped"] for s in samples[:6]) == 1  # one unreadable file per pass, counted on the next sample
+
+
+def test_micro_batches_resume_where_the_uninterrupted_run_is_and_mark_the_pass_ends():
+    """5 optimizer steps of 2 micro-batches, 2 steps a pass (a 5th batch per pass is left over): a run resumed at
+    step 3 reads exactly the uninterrupted run's last 4 micro-batches, the passes reshuffled as they were."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from modeling_mfm.training.pretraining_data import micro_batches
+
+    class Keys(torch.utils.data.Dataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, key):
+            return torch.tensor(key)  # (epoch, index)
+
+    try:
+        accelerator = Accelerator(cpu=True)
+        loader = accelerator.prepare(DataLoader(Keys(), batch_size=2, sampler=EpochShuffleSampler(10, seed=0),
+                                                drop_last=True))
+        full = [(b.tolist(), end) for b, end in micro_batches(loader, accelerator, 0, 5, 2, 2)]
+        resumed = [(b.tolist(), end) for b, end in micro_batches(loader, accelerator, 3, 5, 2, 2)]
+    finally:
+        AcceleratorState._reset_state(True)
+    assert len(full) == 10 and resumed == full[6:]
+    assert [end for _, end in full] == [False, False, False, True] * 2 + [False, False]
+    assert [{epoch for epoch, _ in batch} for batch, _ in full] == [{0}] * 4 + [{1}] * 4 + [{2}] * 2

@@ -14,7 +14,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCardData
 
-__all__ = ["CITATION", "INSTALL_COMMAND", "render_model_card"]
+__all__ = ["CITATION", "INSTALL_COMMAND", "render_model_card", "render_segmentation_card"]
 
 TASKS = {"pretraining": "image-feature-extraction", "classification": "image-classification"}
 
@@ -362,4 +362,39 @@ def render_model_card(
         lines += [f"![{image.rsplit('/', 1)[-1]}]({image})" for image in images]
         lines.append("")
     lines += ["## Citation", "", "```bibtex", CITATION, "```", ""]
+    return f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines)
+
+
+def render_segmentation_card(
+    repo_id: str, config: Any, dataset: str, best: Mapping[str, Any], training_details: dict | None = None
+) -> str:
+    """The README.md of a UperNet trained on an MFM encoder (`training.segmentation_training`): its mean IoU and
+    pixel accuracy on ``dataset``'s validation split as the model-index, how to use it, what ran."""
+    results = [{"task": "image-segmentation", "dataset": dataset, "metric": metric, "name": name,
+                "value": round(best[key], 3), "split": "validation"}
+               for key, metric, name in (("mean_iou", "mean_iou", "mean IoU"), ("pixel_accuracy", "accuracy",
+                                                                                  "pixel accuracy"))]
+    name = repo_id.split("/")[-1]
+    card_data = ModelCardData(
+        license="apache-2.0", library_name="transformers", pipeline_tag="image-segmentation",
+        tags=["vision", "masked-frequency-modeling", "mfm", "upernet", config.backbone_config.model_type],
+        model_name=name, eval_results=_eval_results(results),
+    )
+    lines = [
+        f"# {name}", "",
+        f"UperNet semantic segmentation ({config.num_labels} classes) on an encoder pre-trained with Masked Frequency "
+        "Modeling (MFM; Xie et al., ICLR 2023), trained with BEiT's ADE20K recipe by `modeling_mfm`.", "",
+        "```python",
+        "from transformers import AutoImageProcessor, UperNetForSemanticSegmentation",
+        f'processor = AutoImageProcessor.from_pretrained("{repo_id}")',
+        f'model = UperNetForSemanticSegmentation.from_pretrained("{repo_id}")',
+        "```", "",
+    ]
+    if training_details:
+        lines += ["## Training details", "", "| setting | value |", "| --- | --- |"]
+        lines += [f"| {key} | {_fmt(value)} |" for key, value in training_details.items()]
+        lines.append("")
+    lines += ["## Evaluation results", "", "| dataset | metric | value |", "| --- | --- | --- |"]
+    lines += [f"| {r['dataset']} | {r['name']} | {_fmt(r['value'])} |" for r in results]
+    lines += ["", "## Citation", "", "```bibtex", CITATION, "```", ""]
     return f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines)

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from .disk_faults import write_failure
 __all__ = [
     "CHECKPOINT_PREFIX",
     "TRAINER_STATE_NAME",
+    "TrainerState",
     "list_checkpoints",
     "read_trainer_state",
     "remove_stale_temporaries",
@@ -41,6 +43,21 @@ TEMPORARY_PREFIX = ".tmp-checkpoint-"
 TRASH_PREFIX = ".old-checkpoint-"
 TRAINER_STATE_NAME = "trainer_state.json"
 _CHECKPOINT_RE = re.compile(rf"^{re.escape(CHECKPOINT_PREFIX)}(\d+)$")
+
+
+@dataclass
+class TrainerState:
+    """A loop's progress, saved as a checkpoint's ``trainer_state.json`` (plain JSON: nothing is unpickled to
+    resume). Each loop uses the fields it needs."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # the pass over the data in progress (fine-tuning)
+    batches_in_epoch: int = 0  # micro-batches of that pass done (fine-tuning)
+    skipped_images: int = 0  # unreadable training images replaced so far
+    best: dict[str, Any] = field(default_factory=dict)  # the best evaluation so far
+    history: list[dict[str, Any]] = field(default_factory=list)  # every evaluation
+    settings: dict[str, Any] = field(default_factory=dict)  # what a resume must keep (run_folder)
+    settings_changes: list[dict[str, Any]] = field(default_factory=list)  # what --allow_changed_settings let change
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:

@@ -109,7 +109,7 @@ class ClassificationDataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use the first N validation rows."})
     cache_dir: str | None = field(default=None, metadata={"help": "datasets / transformers cache folder."})
-    num_workers: int = field(default=4, metadata={"help": "DataLoader worker processes."})
+    dataloader_num_workers: int = field(default=4, metadata={"help": "DataLoader worker processes."})
 
     def check_data_source(self) -> None:
         """Exactly one source: a Hub dataset, an image folder or local files."""
@@ -120,9 +120,10 @@ class ClassificationDataArguments:
             )
 
     def load_datasets(self, seed: int) -> ClassificationData:
-        """The training and validation data these arguments name (`load_classification_dataset`); the held-out
-        slice, when there is no validation split, is drawn with ``validation_split_seed`` (default ``seed``)."""
-        return load_classification_dataset(
+        """The training and validation data these arguments name (`load_classification_dataset`), the first
+        ``max_train_samples`` / ``max_eval_samples`` rows of each when given; the held-out slice, when there is no
+        validation split, is drawn with ``validation_split_seed`` (default ``seed``)."""
+        data = load_classification_dataset(
             dataset_name=self.dataset_name, dataset_config_name=self.dataset_config_name, train_dir=self.train_dir,
             validation_dir=self.validation_dir, train_split_name=self.train_split_name,
             validation_split_name=self.validation_split_name,
@@ -132,6 +133,11 @@ class ClassificationDataArguments:
             train_file=self.train_file, validation_file=self.validation_file,
             validation_split_size=self.validation_split_size,
         )
+        if self.max_train_samples is not None:
+            data.train = data.train.select(range(min(self.max_train_samples, len(data.train))))
+        if self.max_eval_samples is not None:
+            data.validation = data.validation.select(range(min(self.max_eval_samples, len(data.validation))))
+        return data
 
 
 DEFAULT_AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from .cli import RunStopped
 
-__all__ = ["LOW_SPACE_BYTES", "WriteFailedError", "is_disk_full", "write_failure", "write_faults"]
+__all__ = ["LOW_SPACE_BYTES", "WriteFailedError", "is_disk_full", "write_failure", "write_faults", "write_json"]
 
 # Less free space than this after a failed write: the disk is full (the write that failed needed more).
 LOW_SPACE_BYTES = 16 * 2**20
@@ -64,3 +66,11 @@ def write_faults(path: str | os.PathLike, what: str) -> Iterator[None]:
         raise
     except (OSError, RuntimeError) as error:
         raise write_failure(error, path, what) from error
+
+
+def write_json(path: str | os.PathLike, payload: Any, what: str = "the results", sort_keys: bool = False) -> None:
+    """Writes ``payload`` as indented JSON to ``path``, creating its folder; a failed write is a `WriteFailedError`."""
+    path = Path(path)
+    with write_faults(path, what):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2, sort_keys=sort_keys) + "\n", encoding="utf-8")

@@ -1,11 +1,11 @@
 """Fine-tuning an MFM encoder for image classification with Accelerate: the paper's recipe, evaluated every epoch.
 
-The loop (`finetune`): load data (`classification_data`) and model (`model_loading`), AdamW over layer-wise
-lr-decay groups (`layer_decay`), linear warmup + cosine per optimizer step (`schedules.LearningRateSchedule`),
-Mixup/CutMix with label smoothing and the soft-target cross-entropy (`mixup`), top-1 / top-5 on the validation set
-after every epoch (`evaluate_classifier`), the best model saved with ``save_pretrained`` in ``output_dir``,
-resumable checkpoints in ``output_dir/checkpoints`` (`checkpointing`), a JSON-lines log plus any Accelerate
-tracker, a model card with a ``model-index`` of the best results, and an optional push to the Hub.
+`finetune` tells the run top to bottom: data (`classification_data`) and model (`model_loading`), AdamW over
+layer-wise lr-decay groups (`layer_decay`), linear warmup + cosine per optimizer step (`schedules`), Mixup/CutMix
+with label smoothing and the soft-target cross-entropy (`mixup`), top-1 / top-5 on the validation set after every
+epoch (`evaluate_classifier`), the best model saved with ``save_pretrained`` in ``output_dir``, resumable
+checkpoints in ``output_dir/checkpoints``, the metrics in ``logs/metrics.jsonl`` and ``--report_to``'s trackers
+(`trackers`), a model card with a ``model-index`` of the best results, and an optional push to the Hub.
 
 Learning rates follow the official linear scaling: ``lr = base_learning_rate * total_batch / 512`` (and the same
 for ``warmup_lr`` and ``min_lr``), with ``total_batch = per-device batch * processes * accumulation steps``.
@@ -24,16 +24,17 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, LoggerType, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -41,7 +42,7 @@ from ..conversion.hub import check_repo_id, publish_folder
 from ..conversion.model_card import render_model_card
 from ..fast_paths import apply_fast_paths
 from ..modeling_mfm import build_image_processor
-from .checkpointing import save_checkpoint
+from .checkpointing import TrainerState, save_checkpoint
 from .classification_data import (
     ClassificationDataArguments,
     ClassificationDataset,
@@ -51,24 +52,17 @@ from .classification_data import (
 )
 from .classification_metrics import TopKAccuracy, top_k_indices
 from .device_dataset import DeviceBatches, cache_in_memory, load_device_images
-from .disk_faults import write_faults
-from .layer_decay import layer_decay_parameter_groups
+from .disk_faults import write_faults, write_json
+from .layer_decay import layer_decay_adamw
 from .mixup import MixupCutmix, soft_target_cross_entropy
 from .model_factory import cudnn_autotuning, enable_activation_checkpointing, preferred_memory_format
 from .model_loading import load_classifier
-from .monitoring import precision_in_effect
 from .optim import FUSED_ADAMW_DEVICES, scale_learning_rate
 from .randomness import derive_seed, seeded_device_rng
-from .run_folder import (
-    check_settings,
-    claim_output_dir,
-    config_settings,
-    describe_settings_changes,
-    find_resume_checkpoint,
-    trajectory_settings,
-)
+from .run_folder import config_settings, describe_settings_changes, hold_output_dir, resume_run, trajectory_settings
 from .schedules import LearningRateSchedule
-from .trackers import JSONLinesTracker
+from .step_statistics import RunningSums
+from .trackers import LOGS_FOLDER, build_trackers, check_report_to, start_trackers
 
 logger = get_logger(__name__)  # logs on the main process only
 
@@ -97,7 +91,8 @@ RECIPES: dict[str, dict[str, Any]] = {
 RUN_ONLY_ARGUMENTS = frozenset({
     "output_dir", "logging_steps", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint",
     "overwrite_output_dir", "allow_changed_settings", "stop_after_steps", "eval_only", "report_to", "project_name",
-    "push_to_hub", "hub_model_id", "hub_token", "hub_private", "hub_local_dir", "num_workers", "cache_dir",
+    "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo", "hub_local_dir", "dataloader_num_workers",
+    "cache_dir",
     "cudnn_benchmark", "gradient_checkpointing", "per_device_eval_batch_size", "mixed_precision",
 })
 
@@ -203,12 +198,14 @@ class FinetuneArguments(ClassificationDataArguments):
                           "time-limited jobs; the same command continues the run)."},
     )
     eval_only: bool = field(default=False, metadata={"help": "Only evaluate model_name_or_path on the validation set."})
-    report_to: str = field(default="none", metadata={"help": "Accelerate trackers: tensorboard, wandb, all, none."})
+    report_to: Literal["tensorboard", "wandb", "all", "none"] = field(
+        default="none", metadata={"help": "Experiment trackers (metrics also go to logs/metrics.jsonl)."}
+    )
     project_name: str = field(default="mfm-finetune", metadata={"help": "Tracker project name."})
     push_to_hub: bool = field(default=False, metadata={"help": "Upload output_dir to the Hub at the end."})
     hub_model_id: str | None = field(default=None, metadata={"help": "'user/name' of the Hub repository."})
     hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
-    hub_private: bool = field(default=False, metadata={"help": "Create the Hub repository as private."})
+    hub_private_repo: bool = field(default=False, metadata={"help": "Create the Hub repository as private."})
     hub_local_dir: str | None = field(
         default=None, metadata={"help": "Dry run of --push_to_hub: publish into this local folder instead."}
     )
@@ -252,8 +249,8 @@ class FinetuneArguments(ClassificationDataArguments):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 when given, got {value}")
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.dataloader_num_workers < 0:
+            raise ValueError(f"dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}")
         if self.warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         for name in ("mixup", "cutmix"):
@@ -270,9 +267,7 @@ class FinetuneArguments(ClassificationDataArguments):
             raise ValueError(f"clip_grad must be > 0 when given, got {self.clip_grad}")
         if self.push_to_hub:
             check_repo_id(self.hub_model_id)
-        trackers = {t.value for t in LoggerType} | {"none"}
-        if self.report_to not in trackers:
-            raise ValueError(f"report_to must be one of {sorted(trackers)}, got {self.report_to!r}")
+        check_report_to(self.report_to)
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
@@ -307,26 +302,299 @@ def evaluate_classifier(model: torch.nn.Module, dataloader: DataLoader, accelera
     return results
 
 
-# ---------------------------------------------------------------------------------------------------- training
-def _trackers(args: FinetuneArguments) -> list[Any]:
-    trackers: list[Any] = [JSONLinesTracker(os.path.join(args.output_dir, "logs", "metrics.jsonl"))]
-    if args.report_to == "all":
-        trackers.append("all")
-    elif args.report_to != "none":
-        trackers.append(args.report_to)
-    return trackers
+# ---------------------------------------------------------------------------------------------------- the run
+def finetune(args: FinetuneArguments) -> dict[str, Any]:
+    """Fine-tunes (or, with ``eval_only``, evaluates) and returns the results written to ``output_dir``."""
+    args = args.resolved()
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=build_trackers(args.report_to, output_dir),
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / LOGS_FOLDER)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    with (
+        hold_output_dir(accelerator, output_dir) as precision,
+        cudnn_autotuning(args.cudnn_benchmark, accelerator.device),
+    ):
+        set_seed(args.seed)
+        with accelerator.main_process_first():
+            data = args.load_datasets(args.seed)
+        model = load_classifier(
+            model_name_or_path=args.model_name_or_path, preset=args.preset, num_labels=len(data.labels),
+            id2label=data.id2label, drop_path_rate=args.drop_path_rate, cache_dir=args.cache_dir,
+            config_overrides=json.loads(args.config_overrides) if args.config_overrides else None,
+        )
+        config = model.config
+        if args.fast_paths:
+            apply_fast_paths(model)
+        model.to(memory_format=preferred_memory_format(config, accelerator.device))  # CNNs: channels_last
+        eval_set, eval_loader = _eval_loader(args, data, config)
+        if args.eval_only:
+            return _evaluate_only(args, data, model, eval_loader, accelerator)
+        if accelerator.is_main_process:  # the saved model's processor: this run's evaluation transform
+            build_image_processor(config, crop_pct=args.crop_pct).save_pretrained(output_dir)
+        if args.gradient_checkpointing:
+            enable_activation_checkpointing(model)
+        train_set, train_loader = _train_loader(args, data, config, accelerator)
+
+        # ---- optimizer, Accelerate, the schedule, resume
+        total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+        lr, lr_ratio = _peak_lr(args, total_batch)
+        optimizer = layer_decay_adamw(model, lr, args.weight_decay, args.layer_decay,
+                                      betas=(args.adam_beta1, args.adam_beta2), eps=1e-8,
+                                      fused=accelerator.device.type in FUSED_ADAMW_DEVICES)
+        if args.dataset_on_device:  # batches are made on the device, this process's share only
+            model, optimizer, eval_loader = accelerator.prepare(model, optimizer, eval_loader)
+            # whole optimizer steps per epoch: nothing marks the end of these batches for Accelerate's accumulation
+            batches_per_epoch = len(train_loader) // args.gradient_accumulation_steps * args.gradient_accumulation_steps
+        else:
+            model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader,
+                                                                              eval_loader)
+            batches_per_epoch = len(train_loader)
+        if batches_per_epoch == 0:
+            raise ValueError(
+                f"the training set ({len(train_set)} images) is smaller than one global batch "
+                f"({args.per_device_train_batch_size} x {accelerator.num_processes} processes)"
+            )
+        steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+        total_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+        num_epochs = math.ceil(total_steps / steps_per_epoch)
+        schedule = _schedule(args, lr, lr_ratio, total_steps, steps_per_epoch)
+        mixer = MixupCutmix(
+            len(data.labels), mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, switch_prob=args.mixup_switch_prob,
+            prob=args.mixup_prob, label_smoothing=args.label_smoothing,
+        ) if (args.mixup > 0 or args.cutmix > 0) and len(data.labels) > 1 else None
+
+        state = TrainerState()
+        resume_run(accelerator, args, state, trajectory_settings(
+            args, RUN_ONLY_ARGUMENTS, num_processes=accelerator.num_processes, mixed_precision=precision,
+            schedule=asdict(schedule), model=config_settings(config),
+        ))
+        schedule.apply(optimizer, state.step)
+        start_trackers(accelerator, args.project_name, args, total_steps=total_steps, lr=lr)
+        logger.info(
+            "fine-tuning on %d images (%d classes), validating on %d; %d epochs, %d optimizer steps, total batch %d, "
+            "peak lr %.3g", len(train_set), len(data.labels), len(eval_set), num_epochs, total_steps, total_batch, lr,
+        )
+
+        # ---- the loop: epochs of optimizer steps, an evaluation and a checkpoint after each
+        progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process,
+                        desc="fine-tuning")
+        sums = RunningSums(accelerator.device)
+        stop_at = min(total_steps, args.stop_after_steps or total_steps)
+        for epoch in range(state.epoch, num_epochs):
+            state.epoch = epoch
+            model.train()
+            for index, batch in _epoch_batches(args, train_loader, accelerator, epoch, state.batches_in_epoch,
+                                               batches_per_epoch):
+                # the batch's random draws (mixup, drop path) are keyed by (seed, epoch, batch, process), so a
+                # resumed run repeats them exactly
+                key = derive_seed(args.seed, epoch, index, accelerator.process_index)
+                with accelerator.accumulate(model), seeded_device_rng(accelerator.device, key):
+                    loss = _training_loss(model, batch, mixer, key, args.label_smoothing)
+                    if not torch.isfinite(loss):
+                        raise RuntimeError(f"non-finite training loss {loss.item()} at step {state.step}")
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and args.clip_grad is not None:
+                        accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                sums.add(loss, batch["skipped"])
+                state.batches_in_epoch = index + 1
+                if not accelerator.sync_gradients:
+                    continue
+                state.step += 1
+                schedule.apply(optimizer, state.step)
+                progress.update(1)
+                if state.step % args.logging_steps == 0 or state.step == total_steps:
+                    loss_value, head_lr = sums.mean_loss(accelerator), max(g["lr"] for g in optimizer.param_groups)
+                    state.skipped_images += sums.skipped_images(accelerator)
+                    accelerator.log({"train/loss": loss_value, "train/lr": head_lr, "train/epoch": epoch,
+                                     "train/skipped_images": state.skipped_images}, step=state.step)
+                    progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{head_lr:.3g}")
+                if args.checkpointing_steps and state.step % args.checkpointing_steps == 0 and (
+                    state.batches_in_epoch < batches_per_epoch  # the end of the epoch checkpoints anyway
+                ):
+                    _checkpoint(accelerator, args, state, sums)
+                if state.step >= stop_at:
+                    break
+            if state.batches_in_epoch < batches_per_epoch and state.step < total_steps:
+                _checkpoint(accelerator, args, state, sums)  # stopped by --stop_after_steps in the middle of the epoch
+                break
+
+            metrics = evaluate_classifier(model, eval_loader, accelerator)
+            state.history.append({"epoch": epoch + 1, "step": state.step, **metrics})
+            accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.step)
+            logger.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in metrics.items()})
+            if not state.best or metrics["top1"] > state.best["metrics"]["top1"]:
+                state.best = {"epoch": epoch + 1, "step": state.step, "metrics": metrics}
+                accelerator.wait_for_everyone()
+                with write_faults(output_dir, "the best model"):
+                    accelerator.unwrap_model(model).save_pretrained(
+                        output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save
+                    )
+            state.epoch, state.batches_in_epoch = epoch + 1, 0
+            _checkpoint(accelerator, args, state, sums)
+            if state.step >= stop_at:
+                break
+        progress.close()
+        state.skipped_images += sums.skipped_images(accelerator)
+
+        # ---- the outputs: results, the model card of a finished run, the push
+        results = _results(state, total_steps, data)
+        if accelerator.is_main_process:
+            if state.skipped_images or data.unlisted:
+                logger.warning("skipped %d unreadable training images; %d folder entries could not be listed",
+                               state.skipped_images, len(data.unlisted))
+            write_json(output_dir / "all_results.json", results, sort_keys=True)
+            if results["completed"] and state.best:
+                details = _training_details(args, config, state, data, schedule, num_epochs, total_batch, precision)
+                with write_faults(output_dir, "the model card"):
+                    (output_dir / "README.md").write_text(_model_card(args, config, state.best, details),
+                                                          encoding="utf-8")
+                if args.push_to_hub:
+                    url = publish_folder(
+                        output_dir, args.hub_model_id, private=args.hub_private_repo, token=args.hub_token,
+                        commit_message="Upload fine-tuned MFM model", local_dir=args.hub_local_dir,
+                    )
+                    logger.info("pushed to %s", url)
+        accelerator.wait_for_everyone()
+        return results
 
 
-def _plain_config(args: FinetuneArguments, extra: dict[str, Any]) -> dict[str, Any]:
-    values = {**asdict(args), **extra}
-    values.pop("hub_token", None)
-    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in values.items()}
+# ---------------------------------------------------------------------------------------------------- helpers
+def _eval_loader(args: FinetuneArguments, data: Any, config: Any) -> tuple[Any, DataLoader]:
+    """The validation set with the evaluation transform, and its loader."""
+    transform = build_eval_transform(config.image_size, config.image_mean, config.image_std, args.crop_pct)
+    eval_set = ClassificationDataset(data.validation, data.image_column, data.label_column, transform)
+    workers = args.dataloader_num_workers
+    if args.dataset_on_device:  # the evaluation transform draws nothing: run it once, not every epoch
+        eval_set, workers = cache_in_memory(eval_set, num_workers=args.dataloader_num_workers), 0
+    return eval_set, DataLoader(eval_set, batch_size=args.per_device_eval_batch_size, shuffle=False,
+                                num_workers=workers, collate_fn=collate_classification)
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    with write_faults(path, "the results"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+def _train_loader(args: FinetuneArguments, data: Any, config: Any, accelerator: Accelerator
+                  ) -> tuple[ClassificationDataset, DataLoader | DeviceBatches]:
+    """The training set and its batches: augmented by DataLoader workers, or made on the device
+    (``dataset_on_device``)."""
+    rows, mean, std = data.train, config.image_mean, config.image_std
+    train_set = ClassificationDataset(
+        rows, data.image_column, data.label_column,
+        build_train_transform(config.image_size, mean, std, args.auto_augment, args.random_erasing,
+                              scale=(args.crop_min_scale, 1.0)),
+        replace_unreadable=True, seed=args.seed,
+    )
+    if not args.dataset_on_device:
+        return train_set, DataLoader(train_set, batch_size=args.per_device_train_batch_size, shuffle=True,
+                                     drop_last=True, num_workers=args.dataloader_num_workers,
+                                     collate_fn=collate_classification)
+    images = load_device_images(rows, data.image_column, config.image_size, accelerator.device,
+                                label_column=data.label_column, num_workers=args.dataloader_num_workers)
+    return train_set, DeviceBatches(
+        images, args.per_device_train_batch_size, args.seed, process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes, scale=(args.crop_min_scale, 1.0), mean=mean, std=std,
+        random_erasing=args.random_erasing,
+    )
+
+
+def _peak_lr(args: FinetuneArguments, total_batch: int) -> tuple[float, float]:
+    """The peak lr (``learning_rate``, else ``base_learning_rate * total_batch / 512``) and its ratio to the base lr,
+    which ``warmup_lr`` and ``min_lr`` are scaled by."""
+    if args.learning_rate is not None:
+        return args.learning_rate, args.learning_rate / args.base_learning_rate
+    return scale_learning_rate(args.base_learning_rate, total_batch), total_batch / 512
+
+
+def _schedule(args: FinetuneArguments, lr: float, lr_ratio: float, total_steps: int, steps_per_epoch: int
+              ) -> LearningRateSchedule:
+    """Warmup, then cosine, per optimizer step."""
+    warmup_steps = min(round(args.warmup_epochs * steps_per_epoch), total_steps)
+    return LearningRateSchedule(lr, total_steps, warmup_steps, args.warmup_lr * lr_ratio, args.min_lr * lr_ratio)
+
+
+def _epoch_batches(args: FinetuneArguments, loader: Any, accelerator: Accelerator, epoch: int, start: int,
+                   stop: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(index, batch) for the epoch's batches ``start`` to ``stop`` (a resumed epoch skips what was done)."""
+    if args.dataset_on_device:
+        return enumerate(loader.iterate(epoch, start=start, stop=stop), start=start)
+    loader.set_epoch(epoch)
+    loader.dataset.set_epoch(epoch)  # the augmentations are keyed by (seed, epoch, sample)
+    return enumerate(accelerator.skip_first_batches(loader, start) if start else loader, start=start)
+
+
+def _training_loss(model: Any, batch: dict[str, Any], mixer: MixupCutmix | None, key: int,
+                   label_smoothing: float) -> torch.Tensor:
+    """Mixup / CutMix (drawn from ``key``) with the soft-target cross-entropy, or cross-entropy with label
+    smoothing."""
+    images, labels = batch["pixel_values"], batch["labels"]
+    if mixer is None:
+        return F.cross_entropy(model(pixel_values=images).logits.float(), labels, label_smoothing=label_smoothing)
+    mixer.rng = np.random.default_rng(key)
+    images, targets = mixer(images, labels)
+    return soft_target_cross_entropy(model(pixel_values=images).logits, targets)
+
+
+def _checkpoint(accelerator: Accelerator, args: FinetuneArguments, state: TrainerState, sums: RunningSums) -> None:
+    state.skipped_images += sums.skipped_images(accelerator)
+    save_checkpoint(accelerator, Path(args.output_dir) / "checkpoints", state.step, asdict(state),
+                    keep=args.checkpoints_total_limit)
+
+
+def _evaluate_only(args: FinetuneArguments, data: Any, model: Any, eval_loader: DataLoader,
+                   accelerator: Accelerator) -> dict[str, Any]:
+    model, eval_loader = accelerator.prepare(model, eval_loader)
+    metrics = evaluate_classifier(model, eval_loader, accelerator)
+    logger.info("evaluation of %s: %s", args.model_name_or_path, metrics)
+    results = {"eval_" + k: v for k, v in metrics.items()}
+    results["eval_unlisted_entries"] = len(data.unlisted)
+    if accelerator.is_main_process:
+        write_json(Path(args.output_dir) / "eval_results.json", results, sort_keys=True)
+    return results
+
+
+def _results(state: TrainerState, total_steps: int, data: Any) -> dict[str, Any]:
+    results: dict[str, Any] = {
+        "completed": state.step >= total_steps,
+        "global_step": state.step,
+        "total_steps": total_steps,
+        "history": state.history,
+        "skipped_images": state.skipped_images,
+        "unlisted_entries": len(data.unlisted),
+    }
+    if state.best:
+        best = state.best
+        results.update({"best_epoch": best["epoch"], **{f"best_{k}": v for k, v in best["metrics"].items()}})
+    return results
+
+
+def _training_details(args: FinetuneArguments, config: Any, state: TrainerState, data: Any,
+                      schedule: LearningRateSchedule, num_epochs: int, total_batch: int, precision: str
+                      ) -> dict[str, Any]:
+    """The model card's table of what ran."""
+    details = {
+        "recipe": args.recipe, "epochs": num_epochs, "optimizer steps": schedule.total_steps,
+        "total batch size": total_batch, "peak learning rate": schedule.peak_lr, "layer decay": args.layer_decay,
+        "weight decay": args.weight_decay,
+        "drop path": args.drop_path_rate if hasattr(config.backbone_config, "drop_path_rate") else "n/a",
+        "warmup steps": schedule.warmup_steps, "mixup / cutmix": f"{args.mixup} / {args.cutmix}",
+        "label smoothing": args.label_smoothing, "auto augment": args.auto_augment or "none",
+        "crop scale": f"{args.crop_min_scale}-1", "dataset on device": args.dataset_on_device,
+        "random erasing": args.random_erasing, "image size": config.image_size,
+        "mixed precision": precision,
+        "skipped unreadable training images": state.skipped_images,
+    }
+    if state.history:
+        details["unreadable validation images"] = state.history[-1].get("num_unreadable", 0)
+    if data.unlisted:
+        details["folder entries that could not be listed"] = len(data.unlisted)
+    if state.settings_changes:
+        details["settings changed on resume (--allow_changed_settings)"] = describe_settings_changes(
+            state.settings_changes
+        )
+    return details
 
 
 def _model_card(args: FinetuneArguments, config: Any, best: dict[str, Any], details: dict[str, Any]) -> str:
@@ -348,299 +616,3 @@ def _model_card(args: FinetuneArguments, config: Any, best: dict[str, Any], deta
         repo_id, config, task="classification", datasets=[args.dataset_name] if args.dataset_name else None,
         results=results, training_details=details, base_model=base_model,
     )
-
-
-def finetune(args: FinetuneArguments) -> dict[str, Any]:
-    """Runs fine-tuning (or evaluation only) and returns the results written to ``output_dir/all_results.json``."""
-    args = args.resolved()
-    output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=_trackers(args),
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
-    try:
-        precision_in_effect(accelerator)
-        with claim_output_dir(output_dir, accelerator), cudnn_autotuning(args.cudnn_benchmark, accelerator.device):
-            return _finetune(args, accelerator)
-    finally:
-        accelerator.end_training()
-
-
-def _finetune(args: FinetuneArguments, accelerator: Accelerator) -> dict[str, Any]:
-    output_dir = Path(args.output_dir)
-    checkpoint_root = output_dir / "checkpoints"
-    set_seed(args.seed)
-
-    with accelerator.main_process_first():
-        data = args.load_datasets(args.seed)
-    train_rows, eval_rows = data.train, data.validation
-    if args.max_train_samples is not None:
-        train_rows = train_rows.select(range(min(args.max_train_samples, len(train_rows))))
-    if args.max_eval_samples is not None:
-        eval_rows = eval_rows.select(range(min(args.max_eval_samples, len(eval_rows))))
-
-    overrides = json.loads(args.config_overrides) if args.config_overrides else None
-    model = load_classifier(
-        model_name_or_path=args.model_name_or_path, preset=args.preset, num_labels=len(data.labels),
-        id2label=data.id2label, config_overrides=overrides,
-        drop_path_rate=args.drop_path_rate, cache_dir=args.cache_dir,
-    )
-    config = model.config
-    if args.fast_paths:
-        apply_fast_paths(model)
-    model.to(memory_format=preferred_memory_format(config, accelerator.device))  # CNNs: channels_last
-    eval_set = ClassificationDataset(
-        eval_rows, data.image_column, data.label_column,
-        build_eval_transform(config.image_size, config.image_mean, config.image_std, args.crop_pct),
-    )
-    eval_workers = args.num_workers
-    if args.dataset_on_device:  # the evaluation transform draws nothing: run it once, not every epoch
-        eval_set, eval_workers = cache_in_memory(eval_set, num_workers=args.num_workers), 0
-    eval_loader = DataLoader(
-        eval_set, batch_size=args.per_device_eval_batch_size, shuffle=False, num_workers=eval_workers,
-        collate_fn=collate_classification,
-    )
-
-    if args.eval_only:
-        model, eval_loader = accelerator.prepare(model, eval_loader)
-        metrics = evaluate_classifier(model, eval_loader, accelerator)
-        logger.info("evaluation of %s: %s", args.model_name_or_path, metrics)
-        results = {"eval_" + k: v for k, v in metrics.items()}
-        results["eval_unlisted_entries"] = len(data.unlisted)
-        if accelerator.is_main_process:
-            _write_json(output_dir / "eval_results.json", results)
-        return results
-
-    if accelerator.is_main_process:  # the saved model's processor: this run's evaluation transform
-        build_image_processor(config, crop_pct=args.crop_pct).save_pretrained(output_dir)
-    if args.gradient_checkpointing:
-        enable_activation_checkpointing(model)
-    train_set = ClassificationDataset(
-        train_rows, data.image_column, data.label_column,
-        build_train_transform(config.image_size, config.image_mean, config.image_std, args.auto_augment,
-                              args.random_erasing, scale=(args.crop_min_scale, 1.0)),
-        replace_unreadable=True,
-        seed=args.seed,
-    )
-    if args.dataset_on_device:
-        device_images = load_device_images(train_rows, data.image_column, config.image_size, accelerator.device,
-                                           label_column=data.label_column, num_workers=args.num_workers)
-        train_loader = DeviceBatches(
-            device_images, args.per_device_train_batch_size, args.seed, process_index=accelerator.process_index,
-            num_processes=accelerator.num_processes, scale=(args.crop_min_scale, 1.0), mean=config.image_mean,
-            std=config.image_std, random_erasing=args.random_erasing,
-        )
-    else:
-        train_loader = DataLoader(
-            train_set, batch_size=args.per_device_train_batch_size, shuffle=True, drop_last=True,
-            num_workers=args.num_workers, collate_fn=collate_classification,
-        )
-
-    total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    if args.learning_rate is not None:
-        lr, lr_ratio = args.learning_rate, args.learning_rate / args.base_learning_rate
-    else:
-        lr = scale_learning_rate(args.base_learning_rate, total_batch)
-        lr_ratio = total_batch / 512
-    groups = layer_decay_parameter_groups(model, args.weight_decay, args.layer_decay, lr=lr)
-    for group in groups:
-        group.pop("names")
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(args.adam_beta1, args.adam_beta2), eps=1e-8,
-                                  fused=accelerator.device.type in FUSED_ADAMW_DEVICES)
-    if args.dataset_on_device:  # batches are made on the device, this process's share only
-        model, optimizer, eval_loader = accelerator.prepare(model, optimizer, eval_loader)
-        # whole optimizer steps per epoch: nothing marks the end of these batches for Accelerate's accumulation
-        batches_per_epoch = len(train_loader) // args.gradient_accumulation_steps * args.gradient_accumulation_steps
-    else:
-        model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
-        batches_per_epoch = len(train_loader)
-    if batches_per_epoch == 0:
-        raise ValueError(
-            f"the training set ({len(train_set)} images) is smaller than one global batch "
-            f"({args.per_device_train_batch_size} x {accelerator.num_processes} processes)"
-        )
-    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    total_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    num_epochs = math.ceil(total_steps / steps_per_epoch)
-    warmup_steps = min(round(args.warmup_epochs * steps_per_epoch), total_steps)
-    # the lr of each step is set from the step (no scheduler object: checkpoints store the step only)
-    schedule = LearningRateSchedule(lr, total_steps, warmup_steps, args.warmup_lr * lr_ratio, args.min_lr * lr_ratio)
-    precision = precision_in_effect(accelerator)
-    settings = trajectory_settings(
-        args, RUN_ONLY_ARGUMENTS, num_processes=accelerator.num_processes, mixed_precision=precision,
-        schedule=asdict(schedule), model=config_settings(config),
-    )
-
-    mixer = MixupCutmix(
-        len(data.labels), mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, switch_prob=args.mixup_switch_prob,
-        prob=args.mixup_prob, label_smoothing=args.label_smoothing,
-    ) if (args.mixup > 0 or args.cutmix > 0) and len(data.labels) > 1 else None
-
-    state: dict[str, Any] = {"epoch": 0, "batches_in_epoch": 0, "global_step": 0, "best": {}, "history": [],
-                             "skipped_images": 0, "settings_changes": []}
-    checkpoint, saved = find_resume_checkpoint(args.resume_from_checkpoint, output_dir, accelerator,
-                                               args.overwrite_output_dir)
-    if checkpoint is not None:
-        changes = check_settings(checkpoint, saved, settings, args.allow_changed_settings)
-        accelerator.load_state(str(checkpoint))
-        state.update({k: v for k, v in saved.items() if k in state})
-        if changes:
-            state["settings_changes"].append({"step": state["global_step"], "changes": changes})
-        logger.info("resumed from %s at optimizer step %d", checkpoint, state["global_step"])
-    state["settings"] = settings
-    schedule.apply(optimizer, state["global_step"])
-
-    details = {
-        "recipe": args.recipe, "epochs": num_epochs, "optimizer steps": total_steps, "total batch size": total_batch,
-        "peak learning rate": lr, "layer decay": args.layer_decay, "weight decay": args.weight_decay,
-        "drop path": args.drop_path_rate if hasattr(config.backbone_config, "drop_path_rate") else "n/a",
-        "warmup steps": warmup_steps, "mixup / cutmix": f"{args.mixup} / {args.cutmix}",
-        "label smoothing": args.label_smoothing, "auto augment": args.auto_augment or "none",
-        "crop scale": f"{args.crop_min_scale}-1", "dataset on device": args.dataset_on_device,
-        "random erasing": args.random_erasing, "image size": config.image_size,
-        "mixed precision": precision,
-    }
-    accelerator.init_trackers(args.project_name, config=_plain_config(args, {"total_steps": total_steps, "lr": lr}))
-    logger.info(
-        "fine-tuning on %d images (%d classes), validating on %d; %d epochs, %d optimizer steps, total batch %d, "
-        "peak lr %.3g", len(train_set), len(data.labels), len(eval_set), num_epochs, total_steps, total_batch, lr,
-    )
-
-    progress = tqdm(total=total_steps, initial=state["global_step"], disable=not accelerator.is_local_main_process,
-                    desc="fine-tuning")
-    unwrapped = accelerator.unwrap_model(model)
-    running_loss, running_count = torch.zeros((), device=accelerator.device), 0
-    pending_skipped = torch.zeros((), dtype=torch.long, device=accelerator.device)
-    stopped_early = False
-
-    def count_skipped() -> None:
-        """Adds the replaced unreadable images of every process to the state (a synchronisation point)."""
-        nonlocal pending_skipped
-        state["skipped_images"] += int(accelerator.reduce(pending_skipped, reduction="sum").item())
-        pending_skipped = torch.zeros_like(pending_skipped)
-
-    def checkpoint_now() -> None:
-        count_skipped()
-        save_checkpoint(accelerator, checkpoint_root, state["global_step"], state, keep=args.checkpoints_total_limit)
-
-    for epoch in range(state["epoch"], num_epochs):
-        state["epoch"] = epoch
-        model.train()
-        skip = state["batches_in_epoch"]
-        if args.dataset_on_device:
-            loader = train_loader.iterate(epoch, start=skip, stop=batches_per_epoch)
-        else:
-            train_loader.set_epoch(epoch)
-            train_set.set_epoch(epoch)
-            loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-        for batch_index, batch in enumerate(loader, start=skip):
-            # the batch's random draws (mixup, drop path) are keyed by (seed, epoch, batch, process), so a resumed
-            # run repeats them exactly
-            key = derive_seed(args.seed, epoch, batch_index, accelerator.process_index)
-            with accelerator.accumulate(model), seeded_device_rng(accelerator.device, key):
-                images, labels = batch["pixel_values"], batch["labels"]
-                if mixer is not None:
-                    mixer.rng = np.random.default_rng(key)
-                    images, targets = mixer(images, labels)
-                    loss = soft_target_cross_entropy(model(pixel_values=images).logits, targets)
-                else:
-                    logits = model(pixel_values=images).logits
-                    loss = F.cross_entropy(logits.float(), labels, label_smoothing=args.label_smoothing)
-                if not torch.isfinite(loss):
-                    raise RuntimeError(f"non-finite training loss {loss.item()} at step {state['global_step']}")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.clip_grad is not None:
-                    accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad()
-            running_loss += loss.detach()
-            running_count += 1
-            pending_skipped += batch["skipped"]
-            state["batches_in_epoch"] = batch_index + 1
-            if not accelerator.sync_gradients:
-                continue
-            state["global_step"] += 1
-            schedule.apply(optimizer, state["global_step"])
-            progress.update(1)
-            step = state["global_step"]
-            if step % args.logging_steps == 0 or step == total_steps:
-                mean_loss = accelerator.reduce(running_loss / running_count, reduction="mean").item()
-                count_skipped()
-                head_lr = max(group["lr"] for group in optimizer.param_groups)
-                accelerator.log({"train/loss": mean_loss, "train/lr": head_lr, "train/epoch": epoch,
-                                 "train/skipped_images": state["skipped_images"]}, step=step)
-                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{head_lr:.3g}")
-                running_loss, running_count = torch.zeros((), device=accelerator.device), 0
-            finished_epoch = state["batches_in_epoch"] >= batches_per_epoch
-            if args.checkpointing_steps and step % args.checkpointing_steps == 0 and not finished_epoch:
-                checkpoint_now()
-            if step >= total_steps or (args.stop_after_steps is not None and step >= args.stop_after_steps):
-                break
-        epoch_done = state["batches_in_epoch"] >= batches_per_epoch or state["global_step"] >= total_steps
-        if not epoch_done:  # stopped by stop_after_steps in the middle of an epoch
-            checkpoint_now()
-            stopped_early = True
-            break
-
-        metrics = evaluate_classifier(model, eval_loader, accelerator)
-        record = {"epoch": epoch + 1, "step": state["global_step"], **metrics}
-        state["history"].append(record)
-        accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=state["global_step"])
-        logger.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in metrics.items()})
-        if not state["best"] or metrics["top1"] > state["best"]["metrics"]["top1"]:
-            state["best"] = {"epoch": epoch + 1, "step": state["global_step"], "metrics": metrics}
-            accelerator.wait_for_everyone()
-            with write_faults(output_dir, "the best model"):
-                unwrapped.save_pretrained(
-                    output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save
-                )
-        state["epoch"], state["batches_in_epoch"] = epoch + 1, 0
-        checkpoint_now()
-        if state["global_step"] >= total_steps:
-            break
-        if args.stop_after_steps is not None and state["global_step"] >= args.stop_after_steps:
-            stopped_early = True
-            break
-    progress.close()
-    count_skipped()
-
-    results: dict[str, Any] = {
-        "completed": not stopped_early and state["global_step"] >= total_steps,
-        "global_step": state["global_step"],
-        "total_steps": total_steps,
-        "history": state["history"],
-        "skipped_images": state["skipped_images"],
-        "unlisted_entries": len(data.unlisted),
-    }
-    if state["best"]:
-        best = state["best"]
-        results.update({"best_epoch": best["epoch"], **{f"best_{k}": v for k, v in best["metrics"].items()}})
-    details["skipped unreadable training images"] = state["skipped_images"]
-    if state["history"]:
-        details["unreadable validation images"] = state["history"][-1].get("num_unreadable", 0)
-    if data.unlisted:
-        details["folder entries that could not be listed"] = len(data.unlisted)
-    if state["settings_changes"]:
-        details["settings changed on resume (--allow_changed_settings)"] = describe_settings_changes(
-            state["settings_changes"]
-        )
-    if accelerator.is_main_process:
-        if state["skipped_images"] or data.unlisted:
-            logger.warning("skipped %d unreadable training images; %d folder entries could not be listed",
-                           state["skipped_images"], len(data.unlisted))
-        _write_json(output_dir / "all_results.json", results)
-        if results["completed"] and state["best"]:
-            with write_faults(output_dir, "the model card"):
-                (output_dir / "README.md").write_text(_model_card(args, unwrapped.config, state["best"], details),
-                                                      encoding="utf-8")
-            if args.push_to_hub:
-                url = publish_folder(
-                    output_dir, args.hub_model_id, private=args.hub_private, token=args.hub_token,
-                    commit_message="Upload fine-tuned MFM model", local_dir=args.hub_local_dir,
-                )
-                logger.info("pushed to %s", url)
-    accelerator.wait_for_everyone()
-    return results

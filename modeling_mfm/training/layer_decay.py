@@ -18,12 +18,14 @@ The groups carry ``lr_scale``, which `schedules.LearningRateSchedule` multiplies
 from __future__ import annotations
 
 import re
+from typing import Any
 
+import torch
 from torch import nn
 
 from .optim import uses_weight_decay
 
-__all__ = ["layer_decay_parameter_groups", "layer_id_for_parameter", "num_decay_layers"]
+__all__ = ["layer_decay_adamw", "layer_decay_parameter_groups", "layer_id_for_parameter", "num_decay_layers"]
 
 # names relative to the backbone: transformer blocks, then CNN stages
 _BLOCK_RE = re.compile(r"(?:layers|encoder\.layer|encoder\.layers)\.(\d+)\.")
@@ -119,3 +121,14 @@ def layer_decay_parameter_groups(
     if not groups:
         raise ValueError("the model has no trainable parameters")
     return [groups[key] for key in sorted(groups, key=lambda k: (k[0], not k[1]))]
+
+
+def layer_decay_adamw(
+    model: nn.Module, lr: float, weight_decay: float, layer_decay: float, num_layers: int | None = None,
+    **adamw_options: Any,
+) -> torch.optim.AdamW:
+    """AdamW over `layer_decay_parameter_groups` at peak ``lr`` (``adamw_options``: betas, eps, fused...)."""
+    groups = layer_decay_parameter_groups(model, weight_decay, layer_decay, lr=lr, num_layers=num_layers)
+    for group in groups:
+        group.pop("names")
+    return torch.optim.AdamW(groups, lr=lr, **adamw_options)

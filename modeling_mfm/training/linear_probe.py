@@ -24,10 +24,9 @@ that could not be listed.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -45,10 +44,10 @@ from .classification_data import (
     collate_classification,
 )
 from .classification_metrics import TopKAccuracy
-from .disk_faults import write_faults
+from .disk_faults import write_json
 from .model_factory import preferred_memory_format
 from .model_loading import load_encoder
-from .run_folder import claim_output_dir
+from .run_folder import hold_output_dir
 from .schedules import LearningRateSchedule
 
 logger = get_logger(__name__)
@@ -70,7 +69,7 @@ class LinearProbeArguments(ClassificationDataArguments):
     """Options of ``run_scripts/run_linear_probe.py`` (the command line is generated from these fields)."""
 
     model_name_or_path: str = field(metadata={"help": "Pre-trained MFM checkpoint or native encoder."})
-    per_device_batch_size: int = field(default=128, metadata={"help": "Feature extraction batch per process."})
+    per_device_eval_batch_size: int = field(default=128, metadata={"help": "Feature extraction batch per process."})
     crop_pct: float = field(default=0.875, metadata={"help": "Centre-crop fraction of the eval transform."})
     pooling: str = field(default="mean", metadata={"help": "ViT features: 'mean' of patch tokens or 'cls'."})
     # linear probe
@@ -84,6 +83,9 @@ class LinearProbeArguments(ClassificationDataArguments):
     knn_temperature: float = field(default=0.07, metadata={"help": "Vote weight exp(similarity / T)."})
     output_dir: str = field(default="mfm-linear-probe", metadata={"help": "Where results.json goes."})
     seed: int = field(default=0, metadata={"help": "Random seed."})
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
+        default=None, metadata={"help": "no / fp16 / bf16 for the feature extraction (default: accelerate's)."}
+    )
 
     def check(self) -> None:
         self.check_data_source()
@@ -95,7 +97,7 @@ class LinearProbeArguments(ClassificationDataArguments):
             raise ValueError("nothing to do: linear_epochs and knn_k are both 0")
         if self.knn_temperature <= 0:
             raise ValueError(f"knn_temperature must be > 0, got {self.knn_temperature}")
-        for name in ("per_device_batch_size", "linear_batch_size"):
+        for name in ("per_device_eval_batch_size", "linear_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.linear_warmup_epochs < 0:
@@ -185,16 +187,17 @@ def train_linear_probe(
     optimizer = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     warmup_steps = min(warmup_epochs * steps_per_epoch, total_steps)
     schedule = LearningRateSchedule(lr, total_steps, warmup_steps)
+    schedule.apply(optimizer, 0)
     probe.train()
     for epoch in range(epochs):
         order = torch.randperm(len(train_features), generator=generator)
-        for step in range(steps_per_epoch):
-            schedule.apply(optimizer, epoch * steps_per_epoch + step)
-            index = order[step * batch_size:(step + 1) * batch_size]
+        for batch in range(steps_per_epoch):
+            index = order[batch * batch_size:(batch + 1) * batch_size]
             loss = F.cross_entropy(probe(train_features[index]), train_labels[index])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            schedule.apply(optimizer, epoch * steps_per_epoch + batch + 1)
     probe.eval()
     with torch.no_grad():
         scores = probe(eval_features)
@@ -234,64 +237,57 @@ def knn_scores(
 def run_linear_probe(args: LinearProbeArguments) -> dict[str, Any]:
     """Extracts features, runs the linear probe and / or kNN, writes ``output_dir/results.json`` and returns it."""
     args.check()
-    accelerator = Accelerator()
-    with claim_output_dir(args.output_dir, accelerator):
-        return _run_linear_probe(args, accelerator)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    with hold_output_dir(accelerator, args.output_dir):
+        set_seed(args.seed)
+        with accelerator.main_process_first():
+            data = args.load_datasets(args.seed)
+        encoder = load_encoder(args.model_name_or_path, cache_dir=args.cache_dir)
+        config = encoder.config
+        encoder.to(memory_format=preferred_memory_format(config, accelerator.device))  # CNNs: channels_last
+        transform = build_eval_transform(config.image_size, config.image_mean, config.image_std, args.crop_pct)
+        train_set = ClassificationDataset(data.train, data.image_column, data.label_column, transform)
+        eval_set = ClassificationDataset(data.validation, data.image_column, data.label_column, transform)
+        encoder, train_loader, eval_loader = accelerator.prepare(encoder, _loader(args, train_set),
+                                                                 _loader(args, eval_set))
+        train_features, train_labels = extract_features(encoder, train_loader, accelerator, args.pooling)
+        eval_features, eval_labels = extract_features(encoder, eval_loader, accelerator, args.pooling)
+        logger.info("features: %d train, %d validation, dimension %d", len(train_features), len(eval_features),
+                    train_features.shape[1])
+        unreadable = {"train": len(train_set) - len(train_features), "eval": len(eval_set) - len(eval_features)}
+        if any(unreadable.values()) or data.unlisted:
+            logger.warning("left out %d unreadable training and %d unreadable validation images; %d folder entries "
+                           "could not be listed", unreadable["train"], unreadable["eval"], len(data.unlisted))
+
+        results: dict[str, Any] = {
+            "model": args.model_name_or_path, "num_train": len(train_features), "num_eval": len(eval_features),
+            "num_unreadable_train": unreadable["train"], "num_unreadable_eval": unreadable["eval"],
+            "unlisted_entries": len(data.unlisted),
+            "feature_dim": int(train_features.shape[1]), "pooling": args.pooling if config.is_vit else "average",
+        }
+        num_classes = len(data.labels)
+        if accelerator.is_main_process:
+            if args.knn_k > 0:
+                votes = knn_scores(train_features, train_labels, eval_features, num_classes, args.knn_k,
+                                   args.knn_temperature)
+                results["knn"] = {"k": min(args.knn_k, len(train_features)), "temperature": args.knn_temperature,
+                                  **top_k_accuracy(votes, eval_labels)}
+            if args.linear_epochs > 0:
+                _, scores = train_linear_probe(
+                    train_features, train_labels, eval_features, eval_labels, num_classes, args.linear_epochs,
+                    args.linear_batch_size, args.linear_base_lr, args.linear_weight_decay, args.linear_warmup_epochs,
+                    args.seed,
+                )
+                results["linear_probe"] = {"epochs": args.linear_epochs, **scores}
+            write_json(Path(args.output_dir) / "results.json", results)
+            for name in ("linear_probe", "knn"):
+                if name in results:
+                    scores = {k: v for k, v in results[name].items() if k.startswith("top")}
+                    print(f"{name:>12}: " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+        accelerator.wait_for_everyone()
+        return results
 
 
-def _run_linear_probe(args: LinearProbeArguments, accelerator: Accelerator) -> dict[str, Any]:
-    set_seed(args.seed)
-    with accelerator.main_process_first():
-        data = args.load_datasets(args.seed)
-    encoder = load_encoder(args.model_name_or_path, cache_dir=args.cache_dir)
-    config = encoder.config
-    encoder.to(memory_format=preferred_memory_format(config, accelerator.device))  # CNNs: channels_last
-    transform = build_eval_transform(config.image_size, config.image_mean, config.image_std, args.crop_pct)
-    loaders = []
-    for rows, limit in ((data.train, args.max_train_samples), (data.validation, args.max_eval_samples)):
-        if limit is not None:
-            rows = rows.select(range(min(limit, len(rows))))
-        dataset = ClassificationDataset(rows, data.image_column, data.label_column, transform)
-        loaders.append(DataLoader(dataset, batch_size=args.per_device_batch_size, num_workers=args.num_workers,
-                                  collate_fn=collate_classification))
-    encoder, train_loader, eval_loader = accelerator.prepare(encoder, *loaders)
-    train_features, train_labels = extract_features(encoder, train_loader, accelerator, args.pooling)
-    eval_features, eval_labels = extract_features(encoder, eval_loader, accelerator, args.pooling)
-    logger.info("features: %d train, %d validation, dimension %d", len(train_features), len(eval_features),
-                train_features.shape[1])
-    unreadable = {name: len(loader.dataset) - len(features) for name, loader, features in
-                  (("train", loaders[0], train_features), ("eval", loaders[1], eval_features))}
-    if any(unreadable.values()) or data.unlisted:
-        logger.warning("left out %d unreadable training and %d unreadable validation images; %d folder entries "
-                       "could not be listed", unreadable["train"], unreadable["eval"], len(data.unlisted))
-
-    results: dict[str, Any] = {
-        "model": args.model_name_or_path, "num_train": len(train_features), "num_eval": len(eval_features),
-        "num_unreadable_train": unreadable["train"], "num_unreadable_eval": unreadable["eval"],
-        "unlisted_entries": len(data.unlisted),
-        "feature_dim": int(train_features.shape[1]), "pooling": args.pooling if config.is_vit else "average",
-    }
-    num_classes = len(data.labels)
-    if accelerator.is_main_process:
-        if args.knn_k > 0:
-            votes = knn_scores(train_features, train_labels, eval_features, num_classes, args.knn_k,
-                               args.knn_temperature)
-            results["knn"] = {"k": min(args.knn_k, len(train_features)), "temperature": args.knn_temperature,
-                              **top_k_accuracy(votes, eval_labels)}
-        if args.linear_epochs > 0:
-            _, scores = train_linear_probe(
-                train_features, train_labels, eval_features, eval_labels, num_classes, args.linear_epochs,
-                args.linear_batch_size, args.linear_base_lr, args.linear_weight_decay, args.linear_warmup_epochs,
-                args.seed,
-            )
-            results["linear_probe"] = {"epochs": args.linear_epochs, **scores}
-        output = Path(args.output_dir)
-        with write_faults(output, "the results"):
-            output.mkdir(parents=True, exist_ok=True)
-            (output / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-        for name in ("linear_probe", "knn"):
-            if name in results:
-                scores = {k: v for k, v in results[name].items() if k.startswith("top")}
-                print(f"{name:>12}: " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()))
-    accelerator.wait_for_everyone()
-    return results
+def _loader(args: LinearProbeArguments, dataset: ClassificationDataset) -> DataLoader:
+    return DataLoader(dataset, batch_size=args.per_device_eval_batch_size, num_workers=args.dataloader_num_workers,
+                      collate_fn=collate_classification)

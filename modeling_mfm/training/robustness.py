@@ -22,14 +22,13 @@ they use ``crop_pct = 1``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
@@ -40,7 +39,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from .classification_data import eval_transform_from_processor
 from .data import open_image
-from .disk_faults import write_faults
+from .disk_faults import write_json
 from .image_folders import list_image_folder, local_path
 from .robustness_classes import (
     ALEXNET_CORRUPTION_ERRORS,
@@ -49,6 +48,7 @@ from .robustness_classes import (
     IMAGENET_C_CORRUPTIONS,
     IMAGENET_R_WNIDS,
 )
+from .run_folder import hold_output_dir
 from .transforms import to_rgb
 
 logger = get_logger(__name__)
@@ -84,9 +84,12 @@ class RobustnessArguments:
         default=None,
         metadata={"help": "Centre-crop fraction (default: the checkpoint's image processor's; ImageNet-C: 1)."},
     )
-    per_device_batch_size: int = field(default=128, metadata={"help": "Batch per process."})
-    num_workers: int = field(default=4, metadata={"help": "DataLoader worker processes."})
-    output_file: str = field(default="robustness_results.json", metadata={"help": "Where to write the JSON."})
+    per_device_eval_batch_size: int = field(default=128, metadata={"help": "Batch per process."})
+    dataloader_num_workers: int = field(default=4, metadata={"help": "DataLoader worker processes."})
+    output_dir: str = field(default="mfm-robustness", metadata={"help": "Where results.json goes."})
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
+        default=None, metadata={"help": "no / fp16 / bf16 (default: accelerate's)."}
+    )
 
     def check(self) -> None:
         dirs = {
@@ -98,8 +101,8 @@ class RobustnessArguments:
         for name, path in dirs.items():
             if path is not None and not os.path.isdir(path):
                 raise ValueError(f"{name} {path!r} is not a directory")
-        if self.per_device_batch_size < 1:
-            raise ValueError(f"per_device_batch_size must be >= 1, got {self.per_device_batch_size}")
+        if self.per_device_eval_batch_size < 1:
+            raise ValueError(f"per_device_eval_batch_size must be >= 1, got {self.per_device_eval_batch_size}")
         if self.crop_pct is not None and not 0.0 < self.crop_pct <= 1.0:
             raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
 
@@ -238,58 +241,64 @@ def format_table(results: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------------------------------- the run
 def run_robustness_eval(args: RobustnessArguments) -> dict[str, Any]:
-    """Evaluates every benchmark whose folder is given; prints the table and writes ``output_file`` (JSON)."""
+    """Evaluates every benchmark whose folder is given; prints the table and writes ``output_dir/results.json``."""
     args.check()
-    accelerator = Accelerator()
-    model = AutoModelForImageClassification.from_pretrained(args.model_name_or_path)
-    processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)
-    wnids = class_wnids(model.config)
-    model = accelerator.prepare(model)
-    results: dict[str, Any] = {"model": args.model_name_or_path}
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    with hold_output_dir(accelerator, args.output_dir):
+        model = AutoModelForImageClassification.from_pretrained(args.model_name_or_path)
+        processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)
+        wnids = class_wnids(model.config)
+        model = accelerator.prepare(model)
+        results: dict[str, Any] = {"model": args.model_name_or_path}
+        if args.imagenet_c_dir is not None:
+            results["imagenet_c"] = _imagenet_c(args, model, processor, wnids, accelerator)
+        for key, classes in (("imagenet_a", IMAGENET_A_WNIDS), ("imagenet_r", IMAGENET_R_WNIDS),
+                             ("imagenet_sketch", wnids)):
+            if getattr(args, f"{key}_dir") is not None:
+                results[key] = _evaluate(args, model, processor, getattr(args, f"{key}_dir"), classes, wnids,
+                                         args.crop_pct, accelerator)
 
-    def subset(published: Sequence[str]) -> tuple[list[str], torch.Tensor]:
+        if accelerator.is_main_process:
+            print(format_table(results))
+            write_json(Path(args.output_dir) / "results.json", results)
+        accelerator.wait_for_everyone()
+        return results
+
+
+def _evaluate(args: RobustnessArguments, model: Any, processor: Any, root: str | Path, classes: Sequence[str],
+              wnids: Sequence[str], crop_pct: float | None, accelerator: Accelerator) -> dict[str, Any]:
+    """Top-1 on the folder ``root`` of ``classes``; the logits are restricted to them when they are a subset of the
+    classifier's ``wnids``."""
+    indices = None
+    if list(classes) != list(wnids):
         position = {wnid: i for i, wnid in enumerate(wnids)}
-        missing = [w for w in published if w not in position]
+        missing = [w for w in classes if w not in position]
         if missing:
             raise ValueError(f"the classifier lacks {len(missing)} of the benchmark's classes, e.g. {missing[:3]}")
-        return list(published), torch.tensor([position[w] for w in published])
+        indices = torch.tensor([position[w] for w in classes])
+    dataset = WnidFolderDataset(root, classes, eval_transform_from_processor(processor, crop_pct))
+    return evaluate_folder(model, dataset, accelerator, indices, args.per_device_eval_batch_size,
+                           args.dataloader_num_workers)
 
-    def run(root: str, classes: Sequence[str], indices: torch.Tensor | None, crop_pct: float | None) -> dict:
-        dataset = WnidFolderDataset(root, classes, eval_transform_from_processor(processor, crop_pct))
-        return evaluate_folder(model, dataset, accelerator, indices, args.per_device_batch_size, args.num_workers)
 
-    if args.imagenet_c_dir is not None:
-        accuracy, errors, count, unreadable, unlisted = {}, {}, 0, 0, 0
-        for corruption in args.corruption_list():
-            accuracy[corruption] = []
-            for severity in SEVERITIES:
-                folder = Path(args.imagenet_c_dir) / corruption / str(severity)
-                if not folder.is_dir():
-                    raise ValueError(f"ImageNet-C folder {folder} is missing (layout <corruption>/<severity>/<wnid>)")
-                scores = run(str(folder), wnids, None, 1.0)
-                accuracy[corruption].append(scores["top1"])
-                count += scores["num_samples"]
-                unreadable += scores["num_unreadable"]
-                unlisted += scores["unlisted_entries"]
-            errors[corruption] = [1.0 - a / 100.0 for a in accuracy[corruption]]
-            logger.info("ImageNet-C %s: top-1 %s", corruption, [round(a, 2) for a in accuracy[corruption]])
-        results["imagenet_c"] = {**mean_corruption_error(errors), "accuracy": accuracy, "num_samples": count,
-                                 "num_unreadable": unreadable, "unlisted_entries": unlisted,
-                                 "complete": len(errors) == len(IMAGENET_C_CORRUPTIONS)}
-    if args.imagenet_a_dir is not None:
-        classes, indices = subset(IMAGENET_A_WNIDS)
-        results["imagenet_a"] = run(args.imagenet_a_dir, classes, indices, args.crop_pct)
-    if args.imagenet_r_dir is not None:
-        classes, indices = subset(IMAGENET_R_WNIDS)
-        results["imagenet_r"] = run(args.imagenet_r_dir, classes, indices, args.crop_pct)
-    if args.imagenet_sketch_dir is not None:
-        results["imagenet_sketch"] = run(args.imagenet_sketch_dir, wnids, None, args.crop_pct)
-
-    if accelerator.is_main_process:
-        print(format_table(results))
-        output = Path(args.output_file)
-        with write_faults(output, "the results"):
-            output.parent.mkdir(parents=True, exist_ok=True)
-            output.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    accelerator.wait_for_everyone()
-    return results
+def _imagenet_c(args: RobustnessArguments, model: Any, processor: Any, wnids: Sequence[str],
+                accelerator: Accelerator) -> dict[str, Any]:
+    """Top-1 per corruption and severity (the images are 224 x 224 centre crops already: crop_pct 1), the
+    corruption errors and mCE."""
+    accuracy, errors, count, unreadable, unlisted = {}, {}, 0, 0, 0
+    for corruption in args.corruption_list():
+        accuracy[corruption] = []
+        for severity in SEVERITIES:
+            folder = Path(args.imagenet_c_dir) / corruption / str(severity)
+            if not folder.is_dir():
+                raise ValueError(f"ImageNet-C folder {folder} is missing (layout <corruption>/<severity>/<wnid>)")
+            scores = _evaluate(args, model, processor, folder, wnids, wnids, 1.0, accelerator)
+            accuracy[corruption].append(scores["top1"])
+            count += scores["num_samples"]
+            unreadable += scores["num_unreadable"]
+            unlisted += scores["unlisted_entries"]
+        errors[corruption] = [1.0 - a / 100.0 for a in accuracy[corruption]]
+        logger.info("ImageNet-C %s: top-1 %s", corruption, [round(a, 2) for a in accuracy[corruption]])
+    return {**mean_corruption_error(errors), "accuracy": accuracy, "num_samples": count,
+            "num_unreadable": unreadable, "unlisted_entries": unlisted,
+            "complete": len(errors) == len(IMAGENET_C_CORRUPTIONS)}

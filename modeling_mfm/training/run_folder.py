@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -25,7 +26,7 @@ import logging
 import os
 import shutil
 import socket
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Self
 
@@ -33,12 +34,14 @@ import torch
 
 from .checkpoint_verification import verify_checkpoint
 from .checkpointing import (
+    TrainerState,
     list_checkpoints,
     read_trainer_state,
     remove_stale_temporaries,
     resolve_checkpoint,
 )
 from .cli import ScriptError
+from .monitoring import precision_in_effect
 
 try:
     import fcntl
@@ -55,6 +58,8 @@ __all__ = [
     "describe_changes",
     "describe_settings_changes",
     "find_resume_checkpoint",
+    "hold_output_dir",
+    "resume_run",
     "trajectory_settings",
 ]
 
@@ -147,6 +152,20 @@ def claim_output_dir(output_dir: str | os.PathLike, accelerator: Any) -> OutputF
     return lock
 
 
+@contextlib.contextmanager
+def hold_output_dir(accelerator: Any, output_dir: str | os.PathLike) -> Iterator[str]:
+    """A run's life in its output folder: the mixed precision checked (`precision_in_effect`, yielded), the folder
+    locked (`claim_output_dir`), and Accelerate's trackers and process group ended however the run ends. Refusals
+    are `ScriptError`s (exit status 2)."""
+    try:
+        precision = precision_in_effect(accelerator)
+        lock = claim_output_dir(output_dir, accelerator)
+        with lock:
+            yield precision
+    finally:
+        accelerator.end_training()
+
+
 # ---------------------------------------------------------------------------------------------------- resuming
 def find_resume_checkpoint(
     resume_from_checkpoint: str | None,
@@ -185,6 +204,26 @@ def find_resume_checkpoint(
         )
     verify_checkpoint(checkpoint, accelerator.num_processes)
     return checkpoint, read_trainer_state(checkpoint)
+
+
+def resume_run(accelerator: Any, arguments: Any, state: TrainerState, settings: dict[str, Any]) -> Path | None:
+    """Continues the prepared model, optimizer, RNG... and ``state`` from the checkpoint the resume rule picks, after
+    checking that the run keeps its ``settings``; returns that checkpoint (None: a fresh start). ``arguments``: the
+    run's (``output_dir``, ``resume_from_checkpoint``, ``overwrite_output_dir``, ``allow_changed_settings``)."""
+    checkpoint, saved = find_resume_checkpoint(arguments.resume_from_checkpoint, arguments.output_dir, accelerator,
+                                               arguments.overwrite_output_dir)
+    state.settings = settings
+    if checkpoint is None:
+        return None
+    changes = check_settings(checkpoint, saved, settings, arguments.allow_changed_settings)
+    accelerator.load_state(str(checkpoint))
+    for item in dataclasses.fields(state):
+        if item.name in saved and item.name != "settings":
+            setattr(state, item.name, saved[item.name])
+    if changes:
+        state.settings_changes.append({"step": state.step, "changes": changes})
+    accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+    return checkpoint
 
 
 # ---------------------------------------------------------------------------------------------------- settings

@@ -17,39 +17,43 @@ once across processes).
 An unreadable image or annotation (or one whose labels are out of range) never stops the run: training replaces the
 pair by the next readable one, evaluation leaves it out; both are logged and counted, as are the folder entries that
 could not be listed. The output folder belongs to the run and a resume keeps its settings (`run_folder`).
+`train_segmentation` tells the run top to bottom; the metrics go to ``logs/metrics.jsonl`` and ``--report_to``'s
+trackers, and ``--push_to_hub`` publishes the best model with a card of its scores.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 from tqdm.auto import tqdm
 
-from .checkpointing import save_checkpoint
+from ..conversion.hub import check_repo_id, publish_folder
+from ..conversion.model_card import render_segmentation_card
+from .checkpointing import TrainerState, save_checkpoint
 from .data import MAX_CONSECUTIVE_FAILURES, open_image
-from .disk_faults import write_faults
+from .disk_faults import write_faults, write_json
 from .image_folders import list_image_folder, local_path
-from .layer_decay import layer_decay_parameter_groups
+from .layer_decay import layer_decay_adamw
 from .model_loading import build_mfm_config
-from .monitoring import precision_in_effect
-from .run_folder import check_settings, claim_output_dir, config_settings, find_resume_checkpoint, trajectory_settings
+from .run_folder import config_settings, hold_output_dir, resume_run, trajectory_settings
 from .schedules import LearningRateSchedule
 from .segmentation_model import segmentation_image_processor, upernet_from_mfm
+from .step_statistics import RunningSums
+from .trackers import LOGS_FOLDER, build_trackers, check_report_to, start_trackers
 from .transforms import to_rgb
 
 logger = get_logger(__name__)
@@ -69,7 +73,8 @@ IGNORE_INDEX = 255
 # Arguments that change how a run is carried out, logged or saved, but not its training (see run_folder).
 RUN_ONLY_ARGUMENTS = frozenset({
     "output_dir", "eval_steps", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint",
-    "overwrite_output_dir", "allow_changed_settings", "num_workers", "logging_steps",
+    "overwrite_output_dir", "allow_changed_settings", "dataloader_num_workers", "logging_steps", "mixed_precision",
+    "report_to", "project_name", "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo", "hub_local_dir",
 })
 
 
@@ -112,9 +117,23 @@ class SegmentationArguments:
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training images."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use the first N validation images."})
-    num_workers: int = field(default=4, metadata={"help": "DataLoader worker processes."})
+    dataloader_num_workers: int = field(default=4, metadata={"help": "DataLoader worker processes."})
     logging_steps: int = field(default=50, metadata={"help": "Log the loss every N steps."})
     seed: int = field(default=0, metadata={"help": "Random seed."})
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
+        default=None, metadata={"help": "no / fp16 / bf16 (default: accelerate's)."}
+    )
+    report_to: Literal["tensorboard", "wandb", "all", "none"] = field(
+        default="none", metadata={"help": "Experiment trackers (metrics also go to logs/metrics.jsonl)."}
+    )
+    project_name: str = field(default="mfm-segmentation", metadata={"help": "Tracker project name."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload the best model to the Hub at the end."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "'user/name' of the Hub repository."})
+    hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
+    hub_private_repo: bool = field(default=False, metadata={"help": "Create the Hub repository as private."})
+    hub_local_dir: str | None = field(
+        default=None, metadata={"help": "Dry run of --push_to_hub: publish into this local folder instead."}
+    )
 
     def check(self) -> None:
         for name in ("num_labels", "crop_size", "max_train_steps", "per_device_train_batch_size", "eval_steps",
@@ -127,6 +146,9 @@ class SegmentationArguments:
             raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
         if self.warmup_steps < 0 or self.warmup_steps > self.max_train_steps:
             raise ValueError(f"warmup_steps must be in [0, max_train_steps], got {self.warmup_steps}")
+        if self.push_to_hub:
+            check_repo_id(self.hub_model_id)
+        check_report_to(self.report_to)
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -308,126 +330,131 @@ def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 def train_segmentation(args: SegmentationArguments) -> dict[str, Any]:
     """Trains, evaluates every ``eval_steps`` (keeping the best model in ``output_dir``) and returns the results."""
     args.check()
-    accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
-    try:
-        precision_in_effect(accelerator)
-        with claim_output_dir(args.output_dir, accelerator):
-            return _train_segmentation(args, accelerator)
-    finally:
-        accelerator.end_training()
-
-
-def _train_segmentation(args: SegmentationArguments, accelerator: Accelerator) -> dict[str, Any]:
-    set_seed(args.seed)
     output_dir = Path(args.output_dir)
-    checkpoint_root = output_dir / "checkpoints"
-    model = upernet_from_mfm(args.model_name_or_path, num_labels=args.num_labels, image_size=args.crop_size,
-                             hidden_size=args.hidden_size, drop_path_rate=args.drop_path_rate)
-    encoder_config, _ = build_mfm_config(args.model_name_or_path)  # for the encoder's normalisation
-    mean, std = list(encoder_config.image_mean), list(encoder_config.image_std)
-    backbone_config = model.config.backbone_config
-    num_layers = getattr(backbone_config, "num_hidden_layers", None) or len(backbone_config.depths)
-
-    train_set = ADE20KFolder(args.data_dir, args.train_split, train_transform(args.crop_size, mean, std),
-                             args.num_labels, args.reduce_labels, replace_unreadable=True)
-    eval_set = ADE20KFolder(args.data_dir, args.validation_split, eval_transform(args.crop_size, mean, std),
-                            args.num_labels, args.reduce_labels)
-    unlisted = train_set.problems + eval_set.problems
-    if unlisted:
-        logger.warning("skipped %d folder entries that could not be listed or paired: %s", len(unlisted),
-                       "; ".join(unlisted[:5]))
-    if args.max_train_samples:
-        train_set.pairs = train_set.pairs[:args.max_train_samples]
-    if args.max_eval_samples:
-        eval_set.pairs = eval_set.pairs[:args.max_eval_samples]
-    train_loader = DataLoader(train_set, batch_size=args.per_device_train_batch_size, shuffle=True, drop_last=True,
-                              num_workers=args.num_workers, collate_fn=_collate)
-    eval_loader = DataLoader(eval_set, batch_size=1, num_workers=args.num_workers, collate_fn=_collate)
-    groups = layer_decay_parameter_groups(model, args.weight_decay, args.layer_decay, lr=args.learning_rate,
-                                          num_layers=num_layers)
-    for group in groups:
-        group.pop("names")
-    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.999))
-    schedule = LearningRateSchedule(args.learning_rate, args.max_train_steps, args.warmup_steps, decay="linear")
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
-    if len(train_loader) == 0:
-        raise ValueError("the training split is smaller than one global batch")
-    settings = trajectory_settings(
-        args, RUN_ONLY_ARGUMENTS, num_processes=accelerator.num_processes,
-        mixed_precision=precision_in_effect(accelerator), schedule=asdict(schedule),
-        model=config_settings(accelerator.unwrap_model(model).config),
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=build_trackers(args.report_to, output_dir),
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / LOGS_FOLDER)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    with hold_output_dir(accelerator, output_dir) as precision:
+        set_seed(args.seed)
+        model = upernet_from_mfm(args.model_name_or_path, num_labels=args.num_labels, image_size=args.crop_size,
+                                 hidden_size=args.hidden_size, drop_path_rate=args.drop_path_rate)
+        encoder_config, _ = build_mfm_config(args.model_name_or_path)  # for the encoder's normalisation
+        mean, std = list(encoder_config.image_mean), list(encoder_config.image_std)
+        train_set = ADE20KFolder(args.data_dir, args.train_split, train_transform(args.crop_size, mean, std),
+                                 args.num_labels, args.reduce_labels, replace_unreadable=True)
+        eval_set = ADE20KFolder(args.data_dir, args.validation_split, eval_transform(args.crop_size, mean, std),
+                                args.num_labels, args.reduce_labels)
+        unlisted = train_set.problems + eval_set.problems
+        if unlisted:
+            logger.warning("skipped %d folder entries that could not be listed or paired: %s", len(unlisted),
+                           "; ".join(unlisted[:5]))
+        if args.max_train_samples:
+            train_set.pairs = train_set.pairs[:args.max_train_samples]
+        if args.max_eval_samples:
+            eval_set.pairs = eval_set.pairs[:args.max_eval_samples]
+        train_loader = DataLoader(train_set, batch_size=args.per_device_train_batch_size, shuffle=True,
+                                  drop_last=True, num_workers=args.dataloader_num_workers, collate_fn=_collate)
+        eval_loader = DataLoader(eval_set, batch_size=1, num_workers=args.dataloader_num_workers, collate_fn=_collate)
+        backbone_config = model.config.backbone_config
+        optimizer = layer_decay_adamw(
+            model, args.learning_rate, args.weight_decay, args.layer_decay, betas=(0.9, 0.999),
+            num_layers=getattr(backbone_config, "num_hidden_layers", None) or len(backbone_config.depths),
+        )
+        schedule = LearningRateSchedule(args.learning_rate, args.max_train_steps, args.warmup_steps, decay="linear")
+        model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+        if len(train_loader) == 0:
+            raise ValueError("the training split is smaller than one global batch")
+        state = TrainerState()
+        resume_run(accelerator, args, state, trajectory_settings(
+            args, RUN_ONLY_ARGUMENTS, num_processes=accelerator.num_processes, mixed_precision=precision,
+            schedule=asdict(schedule), model=config_settings(accelerator.unwrap_model(model).config),
+        ))
+        schedule.apply(optimizer, state.step)
+        start_trackers(accelerator, args.project_name, args, num_processes=accelerator.num_processes,
+                       mixed_precision=precision)
 
-    state: dict[str, Any] = {"global_step": 0, "best": {}, "history": [], "skipped_images": 0,
-                             "settings_changes": []}
-    checkpoint, saved = find_resume_checkpoint(args.resume_from_checkpoint, output_dir, accelerator,
-                                               args.overwrite_output_dir)
-    if checkpoint is not None:
-        changes = check_settings(checkpoint, saved, settings, args.allow_changed_settings)
-        accelerator.load_state(str(checkpoint))
-        state.update({k: v for k, v in saved.items() if k in state})
-        if changes:
-            state["settings_changes"].append({"step": state["global_step"], "changes": changes})
-    state["settings"] = settings
-    schedule.apply(optimizer, state["global_step"])
-    pending_skipped = torch.zeros((), dtype=torch.long, device=accelerator.device)
+        # ---- the loop: optimizer steps, evaluations every eval_steps, checkpoints every checkpointing_steps
+        progress = tqdm(total=args.max_train_steps, initial=state.step, desc="segmentation",
+                        disable=not accelerator.is_local_main_process)
+        sums = RunningSums(accelerator.device)
+        epoch = state.step // len(train_loader)
+        while state.step < args.max_train_steps:
+            model.train()
+            train_loader.set_epoch(epoch)
+            skip = state.step - epoch * len(train_loader)  # a resumed epoch skips the batches it has done
+            for batch in accelerator.skip_first_batches(train_loader, skip) if skip else train_loader:
+                loss = model(pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
+                if not torch.isfinite(loss):
+                    raise RuntimeError(f"non-finite loss {loss.item()} at step {state.step}")
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+                sums.add(loss, batch["skipped"])
+                state.step += 1
+                schedule.apply(optimizer, state.step)
+                progress.update(1)
+                if state.step % args.logging_steps == 0:
+                    loss_value = sums.mean_loss(accelerator)
+                    head_lr = max(group["lr"] for group in optimizer.param_groups)
+                    accelerator.log({"train/loss": loss_value, "train/lr": head_lr}, step=state.step)
+                    progress.set_postfix(loss=f"{loss_value:.4f}")
+                if state.step % args.eval_steps == 0 or state.step == args.max_train_steps:
+                    metrics = evaluate_segmentation(model, eval_loader, accelerator, args.crop_size, args.num_labels)
+                    state.history.append({"step": state.step, **metrics})
+                    accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.step)
+                    logger.info("step %d: %s", state.step, metrics)
+                    if not state.best or metrics["mean_iou"] > state.best["mean_iou"]:
+                        state.best = {"step": state.step, **metrics}
+                        with write_faults(output_dir, "the best model"):
+                            accelerator.unwrap_model(model).save_pretrained(
+                                output_dir, is_main_process=accelerator.is_main_process,
+                                save_function=accelerator.save,
+                            )
+                            if accelerator.is_main_process:
+                                segmentation_image_processor(args.crop_size, mean, std,
+                                                             args.reduce_labels).save_pretrained(output_dir)
+                    model.train()
+                if state.step % args.checkpointing_steps == 0 or state.step == args.max_train_steps:
+                    state.skipped_images += sums.skipped_images(accelerator)
+                    save_checkpoint(accelerator, output_dir / "checkpoints", state.step, asdict(state),
+                                    keep=args.checkpoints_total_limit)
+                if state.step >= args.max_train_steps:
+                    break
+            epoch += 1
+        progress.close()
+        state.skipped_images += sums.skipped_images(accelerator)
 
-    def count_skipped() -> None:
-        nonlocal pending_skipped
-        state["skipped_images"] += int(accelerator.reduce(pending_skipped, reduction="sum").item())
-        pending_skipped = torch.zeros_like(pending_skipped)
+        # ---- the outputs: results, the push
+        results = {"global_step": state.step, "best": state.best, "history": state.history,
+                   "skipped_images": state.skipped_images, "unlisted_entries": len(unlisted),
+                   "settings_changes": state.settings_changes,
+                   "arguments": {k: v for k, v in asdict(args).items() if not k.endswith("token")}}
+        if accelerator.is_main_process:
+            if state.skipped_images:
+                logger.warning("skipped %d unreadable training pairs", state.skipped_images)
+            write_json(output_dir / "all_results.json", results)
+            if args.push_to_hub and state.best:
+                card = render_segmentation_card(
+                    args.hub_model_id, accelerator.unwrap_model(model).config, Path(args.data_dir).resolve().name,
+                    state.best, training_details=_training_details(args, state, precision),
+                )
+                url = publish_folder(output_dir, args.hub_model_id, card=card, private=args.hub_private_repo,
+                                     token=args.hub_token, commit_message="Upload MFM UperNet segmentation model",
+                                     local_dir=args.hub_local_dir)
+                logger.info("pushed to %s", url)
+        accelerator.wait_for_everyone()
+        return results
 
-    unwrapped = accelerator.unwrap_model(model)
-    progress = tqdm(total=args.max_train_steps, initial=state["global_step"], desc="segmentation",
-                    disable=not accelerator.is_local_main_process)
-    epoch = state["global_step"] // len(train_loader)
-    while state["global_step"] < args.max_train_steps:
-        model.train()
-        train_loader.set_epoch(epoch)
-        skip = state["global_step"] - epoch * len(train_loader)
-        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-        for batch in loader:
-            loss = model(pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"non-finite loss {loss.item()} at step {state['global_step']}")
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad()
-            pending_skipped += batch["skipped"]
-            state["global_step"] += 1
-            schedule.apply(optimizer, state["global_step"])
-            step = state["global_step"]
-            progress.update(1)
-            if step % args.logging_steps == 0:
-                progress.set_postfix(loss=f"{loss.item():.4f}")
-            if step % args.eval_steps == 0 or step == args.max_train_steps:
-                metrics = evaluate_segmentation(model, eval_loader, accelerator, args.crop_size, args.num_labels)
-                state["history"].append({"step": step, **metrics})
-                logger.info("step %d: %s", step, metrics)
-                if not state["best"] or metrics["mean_iou"] > state["best"]["mean_iou"]:
-                    state["best"] = {"step": step, **metrics}
-                    with write_faults(output_dir, "the best model"):
-                        unwrapped.save_pretrained(output_dir, is_main_process=accelerator.is_main_process,
-                                                  save_function=accelerator.save)
-                        if accelerator.is_main_process:
-                            segmentation_image_processor(args.crop_size, mean, std,
-                                                         args.reduce_labels).save_pretrained(output_dir)
-                model.train()
-            if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
-                count_skipped()
-                save_checkpoint(accelerator, checkpoint_root, step, state, keep=args.checkpoints_total_limit)
-            if step >= args.max_train_steps:
-                break
-        epoch += 1
-    progress.close()
-    count_skipped()
-    results = {"global_step": state["global_step"], "best": state["best"], "history": state["history"],
-               "skipped_images": state["skipped_images"], "unlisted_entries": len(unlisted),
-               "settings_changes": state["settings_changes"], "arguments": asdict(args)}
-    if accelerator.is_main_process:
-        if state["skipped_images"]:
-            logger.warning("skipped %d unreadable training pairs", state["skipped_images"])
-        with write_faults(output_dir, "the results"):
-            (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    accelerator.wait_for_everyone()
-    return results
+
+def _training_details(args: SegmentationArguments, state: TrainerState, precision: str) -> dict[str, Any]:
+    """The model card's table of what ran."""
+    return {
+        "encoder": args.model_name_or_path, "optimizer steps": state.step, "crop size": args.crop_size,
+        "batch size per process": args.per_device_train_batch_size, "peak learning rate": args.learning_rate,
+        "layer decay": args.layer_decay, "weight decay": args.weight_decay, "warmup steps": args.warmup_steps,
+        "drop path": args.drop_path_rate, "mixed precision": precision,
+        "skipped unreadable training pairs": state.skipped_images,
+    }

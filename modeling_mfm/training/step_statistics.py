@@ -1,7 +1,8 @@
 """Training statistics kept on the device between two log steps, so that the loop never waits for the device.
 
-Per micro-batch the loop adds its loss and skipped-image count, per optimizer step the gradient norm; the tensors
-are only read (one synchronisation, reduced over processes) when metrics are logged or a checkpoint is written.
+Per micro-batch the loop adds its loss and skipped-image count, per optimizer step the gradient norm (pre-training:
+`StepStatistics`; fine-tuning and segmentation: `RunningSums`); the tensors are only read (one synchronisation,
+reduced over processes) when metrics are logged or a checkpoint is written.
 The same goes for the watch on non-finite losses: a device-side count of consecutive non-finite micro-batches,
 checked at those moments, stops the run before a checkpoint could store weights that a NaN has reached.
 """
@@ -14,7 +15,7 @@ import torch
 
 from .cli import RunStopped
 
-__all__ = ["NonFiniteLossError", "StepStatistics"]
+__all__ = ["NonFiniteLossError", "RunningSums", "StepStatistics"]
 
 
 class NonFiniteLossError(RunStopped, RuntimeError):
@@ -88,3 +89,30 @@ class StepStatistics:
             "grad_norm": norm_sum / norms if norms else float("nan"),
             "skipped": int(skipped),
         }
+
+
+class RunningSums:
+    """The micro-batch losses and skipped-image counts since the last read, on the device."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), device=device)
+        self.micro_batches = 0
+        self.skipped = torch.zeros((), dtype=torch.long, device=device)
+
+    def add(self, loss: torch.Tensor, skipped: torch.Tensor) -> None:
+        self.loss += loss.detach()
+        self.micro_batches += 1
+        self.skipped += skipped
+
+    def mean_loss(self, accelerator: Any) -> float:
+        """The mean loss since the last call, averaged over processes (synchronises)."""
+        mean = accelerator.reduce(self.loss / self.micro_batches, reduction="mean").item()
+        self.loss.zero_()
+        self.micro_batches = 0
+        return mean
+
+    def skipped_images(self, accelerator: Any) -> int:
+        """The images skipped since the last call, summed over processes (synchronises)."""
+        total = int(accelerator.reduce(self.skipped, reduction="sum").item())
+        self.skipped.zero_()
+        return total

@@ -1,21 +1,38 @@
-"""A JSON-lines experiment tracker for Accelerate: every logged step appended as one JSON object to a local file.
+"""The experiment trackers of every training loop: ``--report_to`` (TensorBoard, W&B, both or none) plus a JSON-lines
+file that is always written, and one way to record the run's configuration.
 
-Always on, next to TensorBoard / W&B: it needs no dependency, survives restarts (append mode), and gives scripts and
-tests the exact logged values (``read_metrics``).
+The JSON-lines tracker (``<output_dir>/logs/metrics.jsonl``) needs no dependency, survives restarts (append mode),
+and gives scripts and tests the exact logged values (`read_metrics`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 from typing import Any
 
 from accelerate.tracking import GeneralTracker, on_main_process
+from accelerate.utils import is_tensorboard_available, is_wandb_available
 
 from .disk_faults import write_faults
 
-__all__ = ["JSONLinesTracker", "read_metrics"]
+__all__ = [
+    "LOGS_FOLDER",
+    "METRICS_FILE",
+    "REPORT_TO",
+    "JSONLinesTracker",
+    "build_trackers",
+    "check_report_to",
+    "read_metrics",
+    "start_trackers",
+]
+
+LOGS_FOLDER = "logs"
+METRICS_FILE = "metrics.jsonl"
+REPORT_TO = ("tensorboard", "wandb", "all", "none")
+_AVAILABLE = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
 
 
 def _plain(value: Any) -> Any:
@@ -74,3 +91,29 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
                 except json.JSONDecodeError:  # a line cut short by a killed process
                     continue
     return records
+
+
+def check_report_to(report_to: str) -> None:
+    """A ValueError naming ``--report_to`` when it is unknown or names a tracker whose package is missing."""
+    if report_to not in REPORT_TO:
+        raise ValueError(f"report_to must be one of {', '.join(REPORT_TO)}, got {report_to!r}")
+    if report_to in _AVAILABLE and not _AVAILABLE[report_to]():
+        raise ValueError(f"--report_to {report_to} needs the {report_to} package (pip install {report_to})")
+
+
+def build_trackers(report_to: str, output_dir: str | os.PathLike) -> list[Any]:
+    """Accelerate's ``log_with`` for ``--report_to``: `JSONLinesTracker` on ``<output_dir>/logs/metrics.jsonl``, plus
+    TensorBoard and / or W&B (``all``: those installed)."""
+    check_report_to(report_to)
+    wanted = list(_AVAILABLE) if report_to == "all" else [report_to] if report_to in _AVAILABLE else []
+    named = [name for name in wanted if _AVAILABLE[name]()]
+    return [JSONLinesTracker(os.path.join(output_dir, LOGS_FOLDER, METRICS_FILE)), *named]
+
+
+def start_trackers(accelerator: Any, project_name: str, arguments: Any, **derived: Any) -> None:
+    """Starts the trackers with the run's configuration: the ``arguments`` dataclass (credentials left out) and the
+    ``derived`` values (total batch, steps, precision in effect...), as the scalars and strings trackers take."""
+    values = {k: v for k, v in dataclasses.asdict(arguments).items() if not k.endswith("token")}
+    values.update(derived)
+    config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in values.items()}
+    accelerator.init_trackers(project_name, config=config)
