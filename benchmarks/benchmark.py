@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Throughput, FLOPs, MFU and peak memory of MFM pre-training: the training step and, separately, the input pipeline.
 
-    python benchmarks/benchmark.py --models mfm-vit-tiny mfm-vit-base --batch_size 8 --plain_baseline
-    python benchmarks/benchmark.py --models mfm-vit-base --batch_size 64 128 256 512 --mixed_precision bf16
-    python benchmarks/benchmark.py --models mfm-vit-base mfm-resnet50 --batch_size 128 --mixed_precision bf16 \
+    python benchmarks/benchmark.py --models mfm-vit-tiny mfm-vit-base --per_device_train_batch_size 8 --plain_baseline
+    python benchmarks/benchmark.py --models mfm-vit-base --per_device_train_batch_size 64 128 256 512 --mixed_precision bf16
+    python benchmarks/benchmark.py --models mfm-vit-base mfm-resnet50 --per_device_train_batch_size 128 --mixed_precision bf16 \
         --torch_compile --peak_tflops 989 --check_fast_path
-    python benchmarks/benchmark.py --skip_step --data_dir path/to/jpegs --num_workers 0 1 2 --pipeline_stages
+    python benchmarks/benchmark.py --skip_step --data_dir path/to/jpegs --dataloader_num_workers 0 1 2 --pipeline_stages
     python benchmarks/benchmark.py --skip_step --data_dir path/to/jpegs --decode_on_device both
     python benchmarks/benchmark.py ... --json results.json
 """
@@ -41,7 +41,7 @@ class BenchmarkArguments:
     models: list[str] = field(default_factory=lambda: ["mfm-vit-tiny", "mfm-vit-base"],
                               metadata={"help": "Preset names."})
     image_size: int = field(default=224, metadata={"help": "Side of the square images, in pixels."})
-    batch_size: list[int] = field(
+    per_device_train_batch_size: list[int] = field(
         default_factory=lambda: [8],
         metadata={"help": "Per-device batch of the training step; several values sweep them (peak memory per batch "
                           "size; a batch that does not fit in the accelerator's memory is reported as such)."},
@@ -101,7 +101,7 @@ class BenchmarkArguments:
     data_dir: str | None = field(
         default=None, metadata={"help": "Folder of images; the input-pipeline benchmark runs when given."}
     )
-    num_workers: list[int] = field(default_factory=lambda: [0, 1, 2],
+    dataloader_num_workers: list[int] = field(default_factory=lambda: [0, 1, 2],
                                    metadata={"help": "DataLoader workers to try."})
     data_batch_size: int = field(default=32, metadata={"help": "Batch of the input-pipeline benchmark."})
     data_batches: int = field(default=10, metadata={"help": "Timed batches per setting."})
@@ -183,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.data_dir:
             on_device = {"off": [False], "on": [True], "both": [False, True]}[args.decode_on_device]
             drafts = [True, False] if args.compare_jpeg_draft else [True]
-            for decode_on_device, draft, workers in itertools.product(on_device, drafts, args.num_workers):
+            for decode_on_device, draft, workers in itertools.product(on_device, drafts, args.dataloader_num_workers):
                 if decode_on_device and not draft and len(drafts) > 1:
                     continue  # device decoding has no draft mode
                 result = benchmark_input_pipeline(
@@ -201,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name in args.models:
                 config = MFMConfig.from_preset(name, image_size=args.image_size)
                 if args.check_fast_path:
-                    check = fast_path_agreement(config, min(args.batch_size[0], 32), args.mixed_precision,
+                    check = fast_path_agreement(config, min(args.per_device_train_batch_size[0], 32), args.mixed_precision,
                                                 args.torch_compile, device="cpu" if args.cpu else None)
                     results.append({"benchmark": "fast_path_check", "model": name, **check})
                     print(f"check {name:<16} loss plain {check['loss_plain']:.6f} fast {check['loss_fast']:.6f} "
@@ -212,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           flush=True)
                 device = "cpu" if args.cpu else (torch.accelerator.current_accelerator() or "cpu")
                 with cudnn_autotuning(args.cudnn_benchmark, device):
-                    for batch_size in args.batch_size:
+                    for batch_size in args.per_device_train_batch_size:
                         benchmark_batch_size(args, name, config, batch_size, results)
     except ValueError as error:  # an unknown preset, a setting the step refuses
         raise ScriptError(str(error)) from error

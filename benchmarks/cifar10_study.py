@@ -139,7 +139,7 @@ class Study:
             "--output_dir", str(output), "--per_device_train_batch_size", str(plan.pretrain_batch),
             "--base_learning_rate", str(plan.pretrain_base_lr), "--mixed_precision", self.mixed_precision,
             "--logging_steps", str(plan.logging_steps), "--visualization_steps", "0", "--report_to", "none",
-            "--dataloader_num_workers", str(self.args.num_workers), "--seed", str(self.args.seed), *extra,
+            "--dataloader_num_workers", str(self.args.dataloader_num_workers), "--seed", str(self.args.seed), *extra,
         ]
 
     def finetune_command(self, model: Path, output: Path, layer_decay: float) -> list[str]:
@@ -151,7 +151,7 @@ class Study:
             "--per_device_train_batch_size", str(plan.finetune_batch), "--per_device_eval_batch_size", "1024",
             "--base_learning_rate", str(plan.finetune_base_lr), "--warmup_epochs", str(plan.finetune_warmup_epochs),
             "--layer_decay", str(layer_decay), "--mixed_precision", self.mixed_precision,
-            "--dataloader_num_workers", str(self.args.num_workers), "--seed", str(self.args.seed),
+            "--dataloader_num_workers", str(self.args.dataloader_num_workers), "--seed", str(self.args.seed),
             "--logging_steps", str(plan.logging_steps), "--resume_from_checkpoint", "latest", "--report_to", "none",
         ]
 
@@ -159,7 +159,7 @@ class Study:
         return [
             "run_linear_probe.py", "--model_name_or_path", str(model), *self.data_flags(), "--crop_pct", "1.0",
             "--output_dir", str(output), "--per_device_eval_batch_size", "1024",
-            "--dataloader_num_workers", str(self.args.num_workers),
+            "--dataloader_num_workers", str(self.args.dataloader_num_workers),
             "--linear_epochs", str(self.plan.probe_epochs), "--seed", str(self.args.seed),
         ]
 
@@ -443,7 +443,7 @@ class StudyArguments:
     mixed_precision: str | None = field(
         default=None, metadata={"help": "Default: bf16 on CUDA, else no.", "choices": ("no", "fp16", "bf16")}
     )
-    num_workers: int | None = field(
+    dataloader_num_workers: int | None = field(
         default=None,
         metadata={"help": "Decoding / evaluation workers per stage (default: the cores but one, at most 15)."},
     )
@@ -462,9 +462,9 @@ class StudyArguments:
 
     def __post_init__(self) -> None:
         self.pretexts = list(dict.fromkeys(["mfm", *self.pretexts]))
-        if self.num_workers is None:
+        if self.dataloader_num_workers is None:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-            self.num_workers = 0 if self.smoke else max(0, min(15, cores - 1))
+            self.dataloader_num_workers = 0 if self.smoke else max(0, min(15, cores - 1))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> StudyArguments:

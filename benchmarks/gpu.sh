@@ -43,24 +43,24 @@ torchvision.__version__, 'transformers', transformers.__version__, 'accelerate',
 if [ "$mode" = table ]; then
     # the training step, eager bf16, with the fast-path check against float32; then compiled (Inductor), whose
     # compilation takes a minute or two per model
-    step eager_bf16 120 --models mfm-vit-base mfm-resnet50 --batch_size 128 --mixed_precision bf16 --check_fast_path
-    step compiled_bf16 240 --models mfm-vit-base mfm-resnet50 --batch_size 128 --mixed_precision bf16 --torch_compile
-    step compiled_cudagraphs 260 --models mfm-resnet50 mfm-vit-base --batch_size 128 256 --mixed_precision bf16 \
+    step eager_bf16 120 --models mfm-vit-base mfm-resnet50 --per_device_train_batch_size 128 --mixed_precision bf16 --check_fast_path
+    step compiled_bf16 240 --models mfm-vit-base mfm-resnet50 --per_device_train_batch_size 128 --mixed_precision bf16 --torch_compile
+    step compiled_cudagraphs 260 --models mfm-resnet50 mfm-vit-base --per_device_train_batch_size 128 256 --mixed_precision bf16 \
         --torch_compile --compile_mode reduce-overhead
     # the input pipeline: PIL in the workers (draft decoding), then decoding on the GPU
-    step pipeline_cpu 100 --skip_step --data_dir "$images" --num_workers 1 4 8 15 --data_batch_size 64 \
+    step pipeline_cpu 100 --skip_step --data_dir "$images" --dataloader_num_workers 1 4 8 15 --data_batch_size 64 \
         --data_batches 40 --decode_on_device off --cache_dir "$scratch/datasets_cache"
-    step pipeline_gpu 60 --skip_step --data_dir "$images" --num_workers 1 2 4 --data_batch_size 64 \
+    step pipeline_gpu 60 --skip_step --data_dir "$images" --dataloader_num_workers 1 2 4 --data_batch_size 64 \
         --data_batches 40 --decode_on_device on --cache_dir "$scratch/datasets_cache"
     # the float32 baseline, and memory at larger batches with and without gradient checkpointing
-    step eager_fp32 60 --models mfm-vit-base mfm-resnet50 --batch_size 128 --mixed_precision no
-    step memory_sweep 75 --models mfm-vit-base --batch_size 256 512 --mixed_precision bf16
-    step memory_sweep_gc 75 --models mfm-vit-base --batch_size 256 512 --mixed_precision bf16 --gradient_checkpointing
+    step eager_fp32 60 --models mfm-vit-base mfm-resnet50 --per_device_train_batch_size 128 --mixed_precision no
+    step memory_sweep 75 --models mfm-vit-base --per_device_train_batch_size 256 512 --mixed_precision bf16
+    step memory_sweep_gc 75 --models mfm-vit-base --per_device_train_batch_size 256 512 --mixed_precision bf16 --gradient_checkpointing
 elif [ "$mode" = headline ]; then
-    step vit_compiled 110 --models mfm-vit-base --batch_size 128 --mixed_precision bf16 --torch_compile
-    step vit_cudagraphs_bf16_stream 130 --models mfm-vit-base --batch_size 128 256 --mixed_precision bf16 \
+    step vit_compiled 110 --models mfm-vit-base --per_device_train_batch_size 128 --mixed_precision bf16 --torch_compile
+    step vit_cudagraphs_bf16_stream 130 --models mfm-vit-base --per_device_train_batch_size 128 256 --mixed_precision bf16 \
         --torch_compile --compile_mode reduce-overhead --bf16_residual_stream
-    step resnet_cudagraphs 100 --models mfm-resnet50 --batch_size 128 --mixed_precision bf16 --torch_compile \
+    step resnet_cudagraphs 100 --models mfm-resnet50 --per_device_train_batch_size 128 --mixed_precision bf16 --torch_compile \
         --compile_mode reduce-overhead
     echo "== vit_max_autotune ($((540 - SECONDS)) s left)"
     timeout $((540 - SECONDS)) python benchmarks/vit_step_variants.py --variants bf16_residual+max_autotune \
@@ -75,12 +75,12 @@ elif [ "$mode" = quick ]; then
         2>&1 || echo "!! vit_step_variants failed or timed out ($?)"
     grep -E "img/s|FAILED|^float32|^mfm" "$results/vit_step_variants.txt"
     echo "== vit_step_variants_b512"
-    timeout 130 python benchmarks/vit_step_variants.py --batch_size 512 --steps 10 --variants autocast \
+    timeout 130 python benchmarks/vit_step_variants.py --per_device_train_batch_size 512 --steps 10 --variants autocast \
         bf16_residual+cudagraphs > "$results/vit_step_variants_b512.txt" 2>&1 \
         || echo "!! vit_step_variants_b512 failed or timed out ($?)"
     grep -E "img/s|FAILED|^float32|^mfm" "$results/vit_step_variants_b512.txt"
     # ResNet-50 with CUDA graphs at batch 128
-    step resnet_cudagraphs 110 --models mfm-resnet50 --batch_size 128 --mixed_precision bf16 --torch_compile \
+    step resnet_cudagraphs 110 --models mfm-resnet50 --per_device_train_batch_size 128 --mixed_precision bf16 --torch_compile \
         --compile_mode reduce-overhead
 elif [ "$mode" = autotune ]; then
     # Inductor's max-autotune (Triton GEMM templates with the bias and GELU fused in), alone and with the bf16
@@ -90,13 +90,13 @@ elif [ "$mode" = autotune ]; then
         > "$results/vit_max_autotune.txt" 2>&1 || echo "!! vit_max_autotune failed or timed out ($?)"
     grep -E "img/s|FAILED|^float32|^mfm" "$results/vit_max_autotune.txt"
 elif [ "$mode" = profile ]; then
-    step profile_eager 90 --models mfm-vit-base mfm-resnet50 --batch_size 128 --mixed_precision bf16 \
+    step profile_eager 90 --models mfm-vit-base mfm-resnet50 --per_device_train_batch_size 128 --mixed_precision bf16 \
         --profile_dir "$results"
-    step compiled_backbone 150 --models mfm-vit-base --batch_size 128 --mixed_precision bf16 --torch_compile \
+    step compiled_backbone 150 --models mfm-vit-base --per_device_train_batch_size 128 --mixed_precision bf16 --torch_compile \
         --compile_scope backbone
-    step profile_compiled 150 --models mfm-vit-base --batch_size 128 --mixed_precision bf16 --torch_compile \
+    step profile_compiled 150 --models mfm-vit-base --per_device_train_batch_size 128 --mixed_precision bf16 --torch_compile \
         --profile_dir "$results"
-    step pipeline 120 --skip_step --data_dir "$images" --num_workers 1 2 4 8 15 --data_batch_size 64 \
+    step pipeline 120 --skip_step --data_dir "$images" --dataloader_num_workers 1 2 4 8 15 --data_batch_size 64 \
         --data_batches 40 --decode_on_device both --cache_dir "$scratch/datasets_cache"
 elif [ "$mode" = train ]; then
     # end to end: pre-training ViT-B/16 on the JPEGs (copied 10x, so that an epoch spans many steps) with PIL

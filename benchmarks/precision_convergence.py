@@ -32,8 +32,8 @@ class ConvergenceArguments:
     output_dir: str = field(metadata={"help": "One pre-training run per variant in <output_dir>/<variant>."})
     variants: list[str] = field(default_factory=lambda: list(VARIANTS),
                                 metadata={"help": "Precision variants to compare.", "choices": VARIANTS})
-    steps: int = field(default=1200, metadata={"help": "Optimizer steps per run."})
-    batch_size: int = field(default=64, metadata={"help": "Batch per step."})
+    max_train_steps: int = field(default=1200, metadata={"help": "Optimizer steps per run."})
+    per_device_train_batch_size: int = field(default=64, metadata={"help": "Batch per step."})
     base_learning_rate: float = field(default=1.5e-3, metadata={"help": "As pre-training's --base_learning_rate."})
     image_size: int = field(default=64, metadata={"help": "Side of the training crops, in pixels."})
     patch_size: int = field(default=8, metadata={"help": "ViT patch size."})
@@ -56,7 +56,7 @@ def run_variant(variant: str, args: ConvergenceArguments) -> None:
         "--mask_radius", str(16 * args.image_size / 224),
         "--backbone_overrides", json.dumps({"num_hidden_layers": args.layers, "patch_size": args.patch_size}),
         "--train_dir", args.train_dir, "--output_dir", os.path.join(args.output_dir, variant),
-        "--per_device_train_batch_size", str(args.batch_size), "--max_train_steps", str(args.steps),
+        "--per_device_train_batch_size", str(args.per_device_train_batch_size), "--max_train_steps", str(args.max_train_steps),
         "--warmup_ratio", "0.05", "--base_learning_rate", str(args.base_learning_rate),
         "--logging_steps", str(args.logging_steps), "--visualization_steps", "0", "--checkpointing_steps", "0",
         "--report_to", "none", "--mixed_precision", "no" if variant == "fp32" else "bf16",

@@ -34,7 +34,7 @@ VARIANTS = (
 
 @dataclass
 class ProbeArguments:
-    batch_size: int = field(default=128, metadata={"help": "Images per step (224 px, mfm-vit-base)."})
+    per_device_train_batch_size: int = field(default=128, metadata={"help": "Images per step (224 px, mfm-vit-base)."})
     steps: int = field(default=10, metadata={"help": "Timed forward + backward passes per variant."})
     fast_paths: bool = field(
         default=True, metadata={"help": "Apply modeling_mfm.fast_paths; --no_fast_paths probes the stock model."}
@@ -71,12 +71,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not torch.cuda.is_available():
         raise ScriptError("this probe needs a CUDA device")
     device = torch.device("cuda")
-    probe_eager_kernels(args.batch_size, device)
+    probe_eager_kernels(args.per_device_train_batch_size, device)
     model = MFMForPreTraining(MFMConfig.from_preset("mfm-vit-base"))
     if args.fast_paths:
         apply_fast_paths(model)
     model = model.to(device).train()
-    pixel_values = torch.randn(args.batch_size, 3, 224, 224, device=device)
+    pixel_values = torch.randn(args.per_device_train_batch_size, 3, 224, 224, device=device)
 
     def forward_backward(module: torch.nn.Module) -> Callable[[], None]:
         def run() -> None:
@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         module = torch.compile(model) if compiled else model
         try:
             with sdpa_kernel(backends) if backends is not None else contextlib.nullcontext():
-                rate = images_per_second(forward_backward(module), args.batch_size, args.steps)
+                rate = images_per_second(forward_backward(module), args.per_device_train_batch_size, args.steps)
             print(f"fwd+bwd  attention {name:8s} compiled {compiled!s:5s} {rate:8.1f} img/s", flush=True)
         except Exception as error:  # noqa: BLE001 -- a kernel that fails to compile is reported, the probe goes on
             print(f"fwd+bwd  attention {name:8s} compiled {compiled!s:5s} FAILED {str(error)[:400]}", flush=True)

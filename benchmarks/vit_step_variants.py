@@ -20,8 +20,8 @@ nothing changes in it until a variant has earned its place; join parts with "+" 
 - ``cudagraphs``: the ``reduce-overhead`` mode.
 
     python benchmarks/vit_step_variants.py                       # on a GPU: mfm-vit-base, batch 128, compiled
-    python benchmarks/vit_step_variants.py --batch_size 512 --variants autocast bf16_residual+cudagraphs+flash
-    python benchmarks/vit_step_variants.py --preset mfm-vit-tiny --batch_size 4 --image_size 64 --device cpu --eager
+    python benchmarks/vit_step_variants.py --per_device_train_batch_size 512 --variants autocast bf16_residual+cudagraphs+flash
+    python benchmarks/vit_step_variants.py --preset mfm-vit-tiny --per_device_train_batch_size 4 --image_size 64 --device cpu --eager
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def parse_variant(name: str) -> tuple[list, SDPBackend | None, str | None, dict]
 @dataclass
 class VariantArguments:
     preset: str = field(default="mfm-vit-base", metadata={"help": "MFMConfig preset of the model."})
-    batch_size: int = field(default=128, metadata={"help": "Images per step."})
+    per_device_train_batch_size: int = field(default=128, metadata={"help": "Images per step."})
     image_size: int = field(default=224, metadata={"help": "Side of the square images, in pixels."})
     steps: int = field(default=20, metadata={"help": "Timed steps per variant (after 3 untimed ones)."})
     variants: list[str] = field(
@@ -204,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = MFMConfig.from_preset(args.preset, image_size=args.image_size)
     torch.manual_seed(0)
     initial = MFMForPreTraining(config).state_dict()
-    pixel_values = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    pixel_values = torch.randn(args.per_device_train_batch_size, 3, args.image_size, args.image_size, device=device)
 
     def fresh_model(fast_paths_off: dict | None = None) -> MFMForPreTraining:
         model = MFMForPreTraining(config)
@@ -218,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     reference_loss, reference = loss_and_gradient(model, pixel_values[:8], mask[:8], autocast=False)
     del model
     cosine = torch.nn.functional.cosine_similarity
-    print(f"{args.preset}, batch {args.batch_size}, {args.image_size} px, {device}, torch {torch.__version__}, "
+    print(f"{args.preset}, batch {args.per_device_train_batch_size}, {args.image_size} px, {device}, torch {torch.__version__}, "
           f"{'eager' if args.eager else 'compiled'}")
     print(f"float32 loss {reference_loss:.6f} (agreement on the first 8 images)", flush=True)
     for name, (patches, kernel, mode, off) in variants.items():

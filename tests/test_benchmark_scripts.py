@@ -23,7 +23,7 @@ def run(script: str, *arguments: str) -> subprocess.CompletedProcess:
 
 
 def test_vit_step_variants_agree_with_float32_and_refuse_unknown_variants():
-    result = run("vit_step_variants.py", "--preset", "mfm-vit-tiny", "--batch_size", "2", "--image_size", "32",
+    result = run("vit_step_variants.py", "--preset", "mfm-vit-tiny", "--per_device_train_batch_size", "2", "--image_size", "32",
                  "--device", "cpu", "--eager", "--steps", "1",
                  "--variants", "autocast", "conv_patches+complex_fft", "bf16_residual", "separate_qkv+flash")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -39,7 +39,7 @@ def test_vit_step_variants_agree_with_float32_and_refuse_unknown_variants():
 def test_precision_convergence_compares_the_variants_loss_curves(tmp_path):
     images = noise_jpegs(tmp_path / "images", 8, (40, 40), seed=0)
     result = run("precision_convergence.py", "--train_dir", str(images), "--output_dir", str(tmp_path / "runs"),
-                 "--steps", "2", "--batch_size", "4", "--logging_steps", "1", "--image_size", "32", "--layers", "1",
+                 "--max_train_steps", "2", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--image_size", "32", "--layers", "1",
                  "--variants", "fp32", "bf16_residual", "--cache_dir", str(tmp_path / "cache"))
     assert result.returncode == 0, result.stderr[-3000:]
     summary = re.search(r"^bf16_residual .* relative difference to fp32 ([\d.e+-]+) on average", result.stdout,
