@@ -85,12 +85,18 @@ def run_script(main: Callable[[Sequence[str] | None], int | None], argv: Sequenc
     try:
         result = main(argv)
     except ScriptError as error:
-        print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
+        _say(f"{prog}: error: {_one_line(error)}")
         return EXIT_REFUSED
     except RunStopped as error:
-        print(f"{prog}: stopped: {_one_line(error)}", file=sys.stderr)
+        _say(f"{prog}: stopped: {_one_line(error)}")
         return EXIT_STOPPED
     return 0 if result is None else int(result)
+
+
+def _say(line: str) -> None:
+    # one write with its newline: the processes of a launch share stderr, and print's two writes interleave there
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _one_line(message: object) -> str:

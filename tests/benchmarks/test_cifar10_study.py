@@ -21,7 +21,7 @@ from modeling_mfm.training.finetune import FinetuneArguments
 from modeling_mfm.training.linear_probe import LinearProbeArguments
 from modeling_mfm.training.model_factory import build_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def study(*arguments: str) -> subprocess.CompletedProcess:

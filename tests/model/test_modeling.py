@@ -10,7 +10,7 @@ from conftest import TINY_BACKBONES, tiny_config
 
 from modeling_mfm import MFMConfig, MFMForImageClassification, MFMForPreTraining, MFMModel, low_pass_mask
 
-GOLDEN = Path(__file__).parent / "fixtures" / "tiny_vit_p16.pt"
+GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "tiny_vit_p16.pt"
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 

@@ -33,7 +33,7 @@ def convert_cli(argv: list[str]) -> int:
     return load_script("run_scripts/convert_original.py").main(argv)
 
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 GOLDEN = FIXTURES / "tiny_vit_p16.pt"
 GOLDEN_PTH = FIXTURES / "tiny_vit_p16_official.pth"
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)

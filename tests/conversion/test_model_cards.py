@@ -14,7 +14,7 @@ from modeling_mfm import MFMConfig
 from modeling_mfm.conversion.model_card import render_model_card
 from modeling_mfm.conversion.release import OFFICIAL_RELEASES, write_release_cards
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CARDS = ROOT / "model_cards"
 
 # ImageNet-1K top-1 (%) published in the official README, restated here independently of the catalogue.

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import noise_jpegs
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 

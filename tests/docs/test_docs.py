@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 CARDS = sorted((REPO / "model_cards").glob("*.md"))
 BLOCK = re.compile(r"(?:<!--\s*docs-test:(?P<directive>.*?)-->\s*\n)?```python\n(?P<code>.*?)```", re.DOTALL)

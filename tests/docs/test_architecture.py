@@ -7,7 +7,7 @@ import ast
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "modeling_mfm"
 MODEL = {"modeling_mfm", "modeling_mfm.configuration_mfm", "modeling_mfm.modeling_mfm", "modeling_mfm.frequency",
          "modeling_mfm.corruptions"}

@@ -1,7 +1,7 @@
 """What every transformers model promises, checked for every backbone (BEiT, ViT, ResNet, ConvNeXt, ConvNeXtV2) and
 every head (MFMModel, MFMForPreTraining, MFMForImageClassification): save/load round trip, tuple outputs, hidden
 states and attentions, gradient checkpointing, torch.export, eval determinism and PEFT adapters. (Remote code without
-the package: test_remote_code.py.)"""
+the package: model/test_remote_code.py.)"""
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ def convert_cli(argv: list[str]) -> int:
     return load_script("run_scripts/convert_original.py").main(argv)
 
 
-GOLDEN_PTH = Path(__file__).parent / "fixtures" / "tiny_vit_p16_official.pth"
+GOLDEN_PTH = Path(__file__).resolve().parents[1] / "fixtures" / "tiny_vit_p16_official.pth"
 EXPECTED_FILES = {
     "README.md", "config.json", "model.safetensors", "preprocessor_config.json", "configuration_mfm.py",
     "modeling_mfm.py", "frequency.py", "corruptions.py",  # the model's definition: what remote code ships

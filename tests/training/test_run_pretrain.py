@@ -29,7 +29,7 @@ from modeling_mfm import MFMForPreTraining
 from modeling_mfm.training import cli
 from modeling_mfm.training.trackers import read_metrics
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "run_scripts" / "run_pretrain.py"
 
 pytestmark = pytest.mark.slow

@@ -1,7 +1,7 @@
 """One bad file never aborts a run: corrupt images, decompression bombs, file names that are not UTF-8, broken links,
 link loops and unreadable folders are skipped (or, for odd names, simply used) and counted, in every loader: the
 folder listing, pre-training, fine-tuning (training and validation), the linear probe and segmentation. (The
-robustness loader is checked in test_robustness.py.)"""
+robustness loader is checked in training/test_robustness.py.)"""
 
 from __future__ import annotations
 

@@ -582,7 +582,7 @@ def test_corruption_pictures(tmp_path):
 
 
 def test_make_corruption_figures_script(tmp_path):
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     write_photos(tmp_path)
     output = tmp_path / "images"
     result = subprocess.run(
