@@ -18,6 +18,7 @@ from typing import Any, Literal
 from ..configuration_mfm import MFMConfig
 from .cli import ScriptArgumentParser
 from .model_factory import config_fields
+from .run_folder import RunFolderArguments
 
 __all__ = [
     "COMPILE_MODES",
@@ -71,7 +72,7 @@ DEMO_MODEL_OVERRIDES: dict[str, Any] = {
 
 
 @dataclass
-class PretrainingArguments:
+class PretrainingArguments(RunFolderArguments):
     """Everything but the MFMConfig fields. Help strings double as documentation (``--help``)."""
 
     _argument_group_name = "pre-training"
@@ -233,22 +234,6 @@ class PretrainingArguments:
     )
     save_every_epoch: bool = field(default=False, metadata={"help": "Also save the training state after each epoch."})
     checkpoints_total_limit: int | None = field(default=3, metadata={"help": "Keep only the newest K checkpoints."})
-    resume_from_checkpoint: str = field(
-        default="latest",
-        metadata={"help": "'latest' (the newest checkpoint in output_dir; starts fresh if there is none, so "
-                          "re-running a killed command continues it), a checkpoint folder, or 'none' (start fresh; "
-                          "refused when output_dir holds checkpoints, unless --overwrite_output_dir)."},
-    )
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "Start a new run in output_dir: delete the checkpoints and logs of the run that was there."},
-    )
-    allow_changed_settings: bool = field(
-        default=False,
-        metadata={"help": "Resume even if settings that change the training trajectory (seed, learning rates, batch, "
-                          "schedule, data, model configuration...) differ from the checkpoint's; the differences "
-                          "are logged and written to the model card."},
-    )
     logging_steps: int | None = field(default=None, metadata={"help": "Log metrics every N steps."})
     visualization_steps: int | None = field(
         default=None, metadata={"help": "Save a reconstruction picture every N steps (0 = only at start and end)."}

@@ -59,7 +59,14 @@ from .model_factory import cudnn_autotuning, enable_activation_checkpointing, pr
 from .model_loading import load_classifier
 from .optim import FUSED_ADAMW_DEVICES, scale_learning_rate
 from .randomness import derive_seed, seeded_device_rng
-from .run_folder import config_settings, describe_settings_changes, hold_output_dir, resume_run, trajectory_settings
+from .run_folder import (
+    RunFolderArguments,
+    config_settings,
+    describe_settings_changes,
+    hold_output_dir,
+    resume_run,
+    trajectory_settings,
+)
 from .schedules import LearningRateSchedule
 from .step_statistics import RunningSums
 from .trackers import LOGS_FOLDER, build_trackers, check_report_to, start_trackers
@@ -98,7 +105,7 @@ RUN_ONLY_ARGUMENTS = frozenset({
 
 
 @dataclass(kw_only=True)
-class FinetuneArguments(ClassificationDataArguments):
+class FinetuneArguments(ClassificationDataArguments, RunFolderArguments):
     """Everything `finetune` needs; ``None`` fields take the value of ``recipe`` (see `RECIPES`). The command line of
     ``run_scripts/run_finetune.py`` is generated from these fields (``HfArgumentParser``)."""
 
@@ -176,22 +183,6 @@ class FinetuneArguments(ClassificationDataArguments):
         default=None, metadata={"help": "Also checkpoint every N optimizer steps (always at each epoch end)."}
     )
     checkpoints_total_limit: int | None = field(default=2, metadata={"help": "Keep the newest N checkpoints."})
-    resume_from_checkpoint: str = field(
-        default="latest",
-        metadata={"help": "'latest' (the newest checkpoint in output_dir/checkpoints; starts fresh if there is none, "
-                          "so re-running a command continues it), a checkpoint folder, or 'none' (start fresh; "
-                          "refused when output_dir holds checkpoints, unless --overwrite_output_dir)."},
-    )
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "Start a new run in output_dir: delete the checkpoints and logs of the run that was there."},
-    )
-    allow_changed_settings: bool = field(
-        default=False,
-        metadata={"help": "Resume even if settings that change the training (seed, learning rates, batch, data, "
-                          "model...) differ from the checkpoint's; the differences are logged and written to the "
-                          "model card."},
-    )
     stop_after_steps: int | None = field(
         default=None,
         metadata={"help": "Stop this invocation after N optimizer steps in total, with a checkpoint (for "

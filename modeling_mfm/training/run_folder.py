@@ -43,6 +43,28 @@ from .checkpointing import (
 from .cli import ScriptError
 from .monitoring import precision_in_effect
 
+
+@dataclasses.dataclass(kw_only=True)
+class RunFolderArguments:
+    """The resume rule's flags, one wording for every script that resumes (pre-training, fine-tuning, segmentation)."""
+
+    resume_from_checkpoint: str = dataclasses.field(
+        default="latest",
+        metadata={"help": "'latest' (the newest checkpoint in output_dir/checkpoints; starts fresh if there is none, "
+                          "so re-running a command continues it), a checkpoint folder, or 'none' (start fresh; "
+                          "refused when output_dir holds checkpoints, unless --overwrite_output_dir)."},
+    )
+    overwrite_output_dir: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "Start a new run in output_dir: delete the checkpoints and logs of the run that was there."},
+    )
+    allow_changed_settings: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "Resume even if settings that change the training (seed, learning rates, batch, schedule, "
+                          "data, model configuration...) differ from the checkpoint's; the differences are logged "
+                          "and recorded with the results (model card or all_results.json)."},
+    )
+
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks through fcntl

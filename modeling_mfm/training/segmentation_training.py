@@ -49,7 +49,7 @@ from .disk_faults import write_faults, write_json
 from .image_folders import list_image_folder, local_path
 from .layer_decay import layer_decay_adamw
 from .model_loading import build_mfm_config
-from .run_folder import config_settings, hold_output_dir, resume_run, trajectory_settings
+from .run_folder import RunFolderArguments, config_settings, hold_output_dir, resume_run, trajectory_settings
 from .schedules import LearningRateSchedule
 from .segmentation_model import segmentation_image_processor, upernet_from_mfm
 from .step_statistics import RunningSums
@@ -79,7 +79,7 @@ RUN_ONLY_ARGUMENTS = frozenset({
 
 
 @dataclass
-class SegmentationArguments:
+class SegmentationArguments(RunFolderArguments):
     """Options of ``run_scripts/run_segmentation.py`` (the command line is generated from these fields)."""
 
     model_name_or_path: str = field(metadata={"help": "MFM checkpoint or native encoder to put under UperNet."})
@@ -101,20 +101,6 @@ class SegmentationArguments:
     eval_steps: int = field(default=16000, metadata={"help": "Evaluate (and keep the best model) every N steps."})
     checkpointing_steps: int = field(default=4000, metadata={"help": "Save a resumable checkpoint every N steps."})
     checkpoints_total_limit: int | None = field(default=2, metadata={"help": "Keep the newest N checkpoints."})
-    resume_from_checkpoint: str = field(
-        default="latest",
-        metadata={"help": "'latest' (the newest checkpoint in output_dir/checkpoints; starts fresh if there is none), "
-                          "a checkpoint folder, or 'none' (start fresh; refused when output_dir holds checkpoints, "
-                          "unless --overwrite_output_dir)."},
-    )
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Start a new run in output_dir: delete the checkpoints of the run there."}
-    )
-    allow_changed_settings: bool = field(
-        default=False,
-        metadata={"help": "Resume even if settings that change the training differ from the checkpoint's (the "
-                          "differences are logged and kept in all_results.json)."},
-    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training images."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use the first N validation images."})
     dataloader_num_workers: int = field(default=4, metadata={"help": "DataLoader worker processes."})
