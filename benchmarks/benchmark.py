@@ -2,9 +2,10 @@
 """Throughput, FLOPs, MFU and peak memory of MFM pre-training: the training step and, separately, the input pipeline.
 
     python benchmarks/benchmark.py --models mfm-vit-tiny mfm-vit-base --per_device_train_batch_size 8 --plain_baseline
-    python benchmarks/benchmark.py --models mfm-vit-base --per_device_train_batch_size 64 128 256 512 --mixed_precision bf16
-    python benchmarks/benchmark.py --models mfm-vit-base mfm-resnet50 --per_device_train_batch_size 128 --mixed_precision bf16 \
-        --torch_compile --peak_tflops 989 --check_fast_path
+    python benchmarks/benchmark.py --models mfm-vit-base --per_device_train_batch_size 64 128 256 512 \
+        --mixed_precision bf16
+    python benchmarks/benchmark.py --models mfm-vit-base mfm-resnet50 --per_device_train_batch_size 128 \
+        --mixed_precision bf16 --torch_compile --peak_tflops 989 --check_fast_path
     python benchmarks/benchmark.py --skip_step --data_dir path/to/jpegs --dataloader_num_workers 0 1 2 --pipeline_stages
     python benchmarks/benchmark.py --skip_step --data_dir path/to/jpegs --decode_on_device both
     python benchmarks/benchmark.py ... --json results.json
@@ -201,8 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name in args.models:
                 config = MFMConfig.from_preset(name, image_size=args.image_size)
                 if args.check_fast_path:
-                    check = fast_path_agreement(config, min(args.per_device_train_batch_size[0], 32), args.mixed_precision,
-                                                args.torch_compile, device="cpu" if args.cpu else None)
+                    batch = min(args.per_device_train_batch_size[0], 32)
+                    check = fast_path_agreement(config, batch, args.mixed_precision, args.torch_compile,
+                                                device="cpu" if args.cpu else None)
                     results.append({"benchmark": "fast_path_check", "model": name, **check})
                     print(f"check {name:<16} loss plain {check['loss_plain']:.6f} fast {check['loss_fast']:.6f} "
                           f"(rel. diff. {check['loss_relative_difference']:.1e}); gradient norm rel. diff. "

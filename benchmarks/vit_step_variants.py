@@ -20,8 +20,10 @@ nothing changes in it until a variant has earned its place; join parts with "+" 
 - ``cudagraphs``: the ``reduce-overhead`` mode.
 
     python benchmarks/vit_step_variants.py                       # on a GPU: mfm-vit-base, batch 128, compiled
-    python benchmarks/vit_step_variants.py --per_device_train_batch_size 512 --variants autocast bf16_residual+cudagraphs+flash
-    python benchmarks/vit_step_variants.py --preset mfm-vit-tiny --per_device_train_batch_size 4 --image_size 64 --device cpu --eager
+    python benchmarks/vit_step_variants.py --per_device_train_batch_size 512 \
+        --variants autocast bf16_residual+cudagraphs+flash
+    python benchmarks/vit_step_variants.py --preset mfm-vit-tiny --per_device_train_batch_size 4 --image_size 64 \
+        --device cpu --eager
 """
 
 from __future__ import annotations
@@ -218,7 +220,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     reference_loss, reference = loss_and_gradient(model, pixel_values[:8], mask[:8], autocast=False)
     del model
     cosine = torch.nn.functional.cosine_similarity
-    print(f"{args.preset}, batch {args.per_device_train_batch_size}, {args.image_size} px, {device}, torch {torch.__version__}, "
+    print(f"{args.preset}, batch {args.per_device_train_batch_size}, {args.image_size} px, {device}, "
+          f"torch {torch.__version__}, "
           f"{'eager' if args.eager else 'compiled'}")
     print(f"float32 loss {reference_loss:.6f} (agreement on the first 8 images)", flush=True)
     for name, (patches, kernel, mode, off) in variants.items():

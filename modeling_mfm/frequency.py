@@ -206,7 +206,9 @@ class FrequencyLoss(nn.Module):
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, matrix: torch.Tensor | None = None) -> torch.Tensor:
         if pred.shape != target.shape or pred.dim() != 4:
-            raise ValueError(f"pred and target must both be (B, C, H, W), got {tuple(pred.shape)} and {tuple(target.shape)}")
+            raise ValueError(
+                f"pred and target must both be (B, C, H, W), got {tuple(pred.shape)} and {tuple(target.shape)}"
+            )
         with _autocast_off(pred):
             # the FFT is linear: the difference of the spectra is the spectrum of the difference, one FFT instead of
             # two (and the batch-mean spectrum that of the batch-mean difference), without subtracting two large

@@ -107,7 +107,8 @@ def _selected_files(
         raise ValueError(f"folder {str(folder)!r} is not a directory")
     ignore = [ignore_patterns] if isinstance(ignore_patterns, str) else list(ignore_patterns or [])
     files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.glob("**/*")) if p.is_file()}
-    selected = filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore + DEFAULT_IGNORE_PATTERNS)
+    ignore += DEFAULT_IGNORE_PATTERNS
+    selected = filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore)
     return {relative: files[relative] for relative in selected}
 
 
@@ -152,7 +153,8 @@ def _default_card(folder: Path, repo_id: str) -> str:
         return render_model_card(repo_id, MFMConfig.from_pretrained(folder), task=task)
     model_type = config.get("model_type", "transformers")
     return (
-        f"---\nlibrary_name: transformers\npipeline_tag: image-feature-extraction\ntags:\n- mfm\n- {model_type}\n---\n\n"
+        "---\nlibrary_name: transformers\npipeline_tag: image-feature-extraction\n"
+        f"tags:\n- mfm\n- {model_type}\n---\n\n"
         f"# {repo_id}\n\nAn image encoder ({model_type}) pre-trained with Masked Frequency Modeling, as a native "
         f"transformers checkpoint:\n\n```python\nfrom transformers import AutoModel\n"
         f'encoder = AutoModel.from_pretrained("{repo_id}")\n```\n'

@@ -83,7 +83,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "vit": {
         "num_train_epochs": 100, "base_learning_rate": 2e-3, "warmup_epochs": 5, "warmup_lr": 2.5e-7, "min_lr": 2.5e-7,
         "weight_decay": 0.05, "layer_decay": 0.8, "drop_path_rate": 0.1, "auto_augment": "rand-m9-mstd0.5-inc1",
-        "random_erasing": 0.25, "mixup": 0.8, "cutmix": 1.0, "label_smoothing": 0.1, "crop_pct": 0.875, "clip_grad": None,
+        "random_erasing": 0.25, "mixup": 0.8, "cutmix": 1.0, "label_smoothing": 0.1, "crop_pct": 0.875,
+        "clip_grad": None,
     },
     "resnet": {
         "num_train_epochs": 100, "base_learning_rate": 2e-3, "warmup_epochs": 5, "warmup_lr": 2.5e-5, "min_lr": 2.5e-7,

@@ -127,7 +127,9 @@ class MixupCutmix:
         kept = 1.0 - (bottom - top) * (right - left) / float(height * width)
         return MixDecision(lam=kept, cutmix=True, box=(top, bottom, left, right))
 
-    def mix(self, images: torch.Tensor, labels: torch.Tensor, decision: MixDecision) -> tuple[torch.Tensor, torch.Tensor]:
+    def mix(
+        self, images: torch.Tensor, labels: torch.Tensor, decision: MixDecision
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Applies a decision: image ``i`` is combined with image ``B - 1 - i``; targets mixed with ``lam``."""
         if images.dim() != 4 or labels.shape != images.shape[:1]:
             raise ValueError(

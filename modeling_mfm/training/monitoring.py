@@ -33,7 +33,8 @@ def precision_in_effect(accelerator) -> str:
     float32 when autocast cannot run the requested precision (fp16 on the CPU): that raises `MixedPrecisionError`
     here instead."""
     requested = accelerator.mixed_precision
-    if requested == "no" or accelerator.native_amp or accelerator.distributed_type.value in ("DEEPSPEED", "MEGATRON_LM"):
+    engine_managed = accelerator.distributed_type.value in ("DEEPSPEED", "MEGATRON_LM")
+    if requested == "no" or accelerator.native_amp or engine_managed:
         return requested
     device = accelerator.device.type
     raise MixedPrecisionError(

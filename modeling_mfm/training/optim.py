@@ -7,7 +7,10 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-__all__ = ["FUSED_ADAMW_DEVICES", "NO_DECAY_NAMES", "build_optimizer", "parameter_groups", "scale_learning_rate", "uses_weight_decay"]
+__all__ = [
+    "FUSED_ADAMW_DEVICES", "NO_DECAY_NAMES", "build_optimizer", "parameter_groups", "scale_learning_rate",
+    "uses_weight_decay",
+]
 
 # Parameters that are never decayed whatever their shape: the learned position embeddings, the CLS token (and, for
 # BEiT variants that have them, the mask token and relative position bias tables).

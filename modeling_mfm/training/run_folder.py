@@ -293,8 +293,8 @@ def _normalised(name: str, value: Any) -> Any:
 
 def trajectory_settings(arguments: Any, ignore: Collection[str], **extra: Any) -> dict[str, Any]:
     """The settings that determine a run's trajectory: the fields of the ``arguments`` dataclass except ``ignore``
-    (logging cadence, worker counts, paths of outputs...) and credentials, plus ``extra`` (derived values, the model configuration
-    as a dict...). Nested dicts are flattened into dotted names; local paths are made absolute."""
+    (logging cadence, worker counts, paths of outputs...) and credentials, plus ``extra`` (derived values, the model
+    configuration as a dict...). Nested dicts are flattened into dotted names; local paths are made absolute."""
     values = {k: _normalised(k, v) for k, v in dataclasses.asdict(arguments).items()
               if k not in ignore and not k.endswith("token")}  # credentials never reach a trainer state
     values.update(extra)

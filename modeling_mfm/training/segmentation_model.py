@@ -80,7 +80,9 @@ def resize_position_embeddings(embeddings: torch.Tensor, new_grid: int) -> torch
     return torch.cat([cls, patches], dim=1)
 
 
-def _vit_backbone_config(config: MFMConfig, image_size: int, out_indices: list[int], drop_path_rate: float) -> BeitConfig:
+def _vit_backbone_config(
+    config: MFMConfig, image_size: int, out_indices: list[int], drop_path_rate: float
+) -> BeitConfig:
     source = config.backbone_config
     if source.model_type == "vit" and not getattr(source, "qkv_bias", True):
         raise ValueError("a ViT without q/v biases cannot be expressed as BEiT (which always has them)")
@@ -168,7 +170,8 @@ def upernet_from_mfm(
             raise ValueError(f"out_indices must be 4 block numbers in [1, {num_layers}], got {out_indices}")
         backbone_config = _vit_backbone_config(config, image_size, out_indices, drop_path_rate)
         # the backbone reads block outputs, not the final norm; the ViT key bias is dropped (see the module docstring)
-        state = {k: v for k, v in state.items() if not (k.endswith("attention.k_proj.bias") or k.startswith("layernorm."))}
+        state = {k: v for k, v in state.items()
+                 if not (k.endswith("attention.k_proj.bias") or k.startswith("layernorm."))}
         key = "embeddings.position_embeddings"
         state[key] = resize_position_embeddings(state[key], image_size // config.encoder_stride)
     else:

@@ -277,7 +277,8 @@ def iou_from_confusion(confusion: torch.Tensor) -> dict[str, float]:
     if not present.any():
         raise ValueError("no labelled pixels to score")
     iou = intersection[present] / union[present]
-    return {"mean_iou": 100.0 * float(iou.mean()), "pixel_accuracy": 100.0 * float(intersection.sum() / confusion.sum())}
+    pixel_accuracy = 100.0 * float(intersection.sum() / confusion.sum())
+    return {"mean_iou": 100.0 * float(iou.mean()), "pixel_accuracy": pixel_accuracy}
 
 
 @torch.no_grad()
