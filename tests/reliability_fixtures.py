@@ -9,7 +9,10 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import struct
+import subprocess
+import time
 import zlib
 from pathlib import Path
 
@@ -148,3 +151,14 @@ def non_utf8_name(folder: Path, suffix: str = ".jpg") -> bytes:
     with open(raw, "wb") as f:
         Image.fromarray((rng.random((40, 44, 3)) * 255).astype(np.uint8)).save(f, format="JPEG")
     return raw
+
+
+def kill_at_checkpoint(command: list[str], checkpoint: Path, **popen_kwargs) -> None:
+    """Starts a training command and kills it with SIGKILL as soon as ``checkpoint`` exists."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen_kwargs)
+    deadline = time.time() + 180
+    while not checkpoint.exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=30) == -signal.SIGKILL

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 import sys
-import time
 
 import datasets
 import pytest
@@ -14,6 +11,7 @@ import torch
 from classification_fixtures import CLASS_COLOURS, REPO, make_class_folders, run_script, script_env
 from conftest import tiny_config
 from PIL import Image
+from reliability_fixtures import kill_at_checkpoint
 from safetensors.torch import load_file
 from torchvision.transforms import v2 as T
 from transformers import HfArgumentParser
@@ -221,14 +219,8 @@ def test_run_finetune_end_to_end_resume_and_push(folders, pretrained, tmp_path):
     # killed with SIGKILL after its first checkpoint, the same command continues to the same weights
     killed = tmp_path / "killed"
     args = base + common_args(folders, tmp_path, killed) + ["--checkpointing_steps", "2"]
-    process = subprocess.Popen([sys.executable, str(REPO / "run_scripts" / "run_finetune.py"), *args], cwd=REPO,
-                               env=script_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while not (killed / "checkpoints" / "checkpoint-2").exists():
-        assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait(timeout=30) == -signal.SIGKILL
+    kill_at_checkpoint([sys.executable, str(REPO / "run_scripts" / "run_finetune.py"), *args],
+                       killed / "checkpoints" / "checkpoint-2", cwd=REPO, env=script_env(tmp_path))
     assert not (killed / "checkpoints" / "checkpoint-12").exists()
     run_script("run_finetune.py", args, tmp_path)
     assert json.loads((killed / "all_results.json").read_text())["history"] == results["history"]

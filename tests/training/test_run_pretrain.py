@@ -10,11 +10,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ import torch
 from accelerate.state import AcceleratorState
 from conftest import tiny_config
 from PIL import Image
+from reliability_fixtures import kill_at_checkpoint
 from safetensors.torch import load_file
 
 from modeling_mfm import MFMForPreTraining
@@ -179,14 +178,7 @@ def test_sigkill_and_restart_continue_the_same_trajectory(workspace):
 
     out = workspace["root"] / "killed"
     command = [sys.executable, str(SCRIPT), *common_args(workspace, out, steps, 4, *extra)]
-    process = subprocess.Popen(command, env=workspace["env"], cwd=workspace["root"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while not (out / "checkpoints" / "checkpoint-4").exists():
-        assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait(timeout=30) == -signal.SIGKILL
+    kill_at_checkpoint(command, out / "checkpoints" / "checkpoint-4", env=workspace["env"], cwd=workspace["root"])
     assert not (out / "checkpoints" / f"checkpoint-{steps}").exists()
 
     resumed = run_script(workspace, common_args(workspace, out, steps, 4, *extra))  # the same command
