@@ -21,6 +21,7 @@ last checkpoint when run again. After each stage the table is rewritten (``study
 from __future__ import annotations
 
 import dataclasses
+import glob
 import io
 import json
 import os
@@ -44,11 +45,14 @@ PRETEXT_NAMES = {"mfm": "MFM", "sr": "SR", "deblur": "Deblur", "denoise": "Denoi
 OFFICIAL_RADIUS_RATIO = 16 / 224  # official mask radius / image size
 MIN_STAGE_SECONDS = 30  # with --max_minutes, no stage after the first starts with less time left
 SMOKE_CLASSES, SMOKE_PER_CLASS = 10, 16
+STUDY_HUB_ID = "modeling-mfm/mfm-vit-4x96-cifar10"  # the CPU plan's encoder, for release.py
+HELD_OUT_PICTURE = "held_out_reconstruction.png"
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Model and budgets of the study; `GPU_PLAN` is the one the docs report, `SMOKE_PLAN` the CPU check."""
+    """Model and budgets of the study: `GPU_PLAN` (one GPU) and `CPU_PLAN` (two cores); `SMOKE_PLANS` are their
+    stages at a tiny size, the CI check."""
 
     backbone: dict[str, Any] = field(default_factory=lambda: {"patch_size": 4})  # of the mfm-vit-tiny preset
     image_size: int = 32
@@ -70,19 +74,46 @@ class Plan:
     finetune_crop_min_scale: float = 0.08
     # linear probe on frozen features (MAE's protocol on cached features) and kNN
     probe_epochs: int = 90
-    # throughput stage: optimizer steps of the real pre-training loop on each data path
+    # low-label fine-tuning: a stratified choice of this many training rows (None: all of them)
+    finetune_subset_size: int | None = None
+    # the representation monitor of pre-training (kNN on the held-out slice; 0: off)
+    monitor_steps: int = 0
+    monitor_bank_size: int = 5000
+    monitor_eval_size: int = 2000
+    # throughput stage: optimizer steps of the real pre-training loop on each data path (0: no such stage)
     throughput_steps: int = 200
     logging_steps: int = 50
+    mixed_precision_without_cuda: str = "no"
+    # targets (points of top-1): fine-tuning from MFM minus from the random initialisation; the same for kNN
+    target_finetune_gain: float = 3.0
+    target_knn_gain: float | None = None
 
 
 GPU_PLAN = Plan()
-SMOKE_PLAN = Plan(
+# The same comparison on a 2-core CPU in about 80 minutes (docs/cifar10_study.md): a 4-layer, width-96 ViT/4
+# (0.46 M parameters, ~650 img/s in a bf16 pre-training step on 2 cores), 45 pre-training epochs, and the low-label
+# setting where an initialisation matters most: fine-tuning on 10 % of the training rows.
+CPU_PLAN = Plan(
+    backbone={"patch_size": 4, "hidden_size": 96, "num_hidden_layers": 4, "num_attention_heads": 3,
+              "intermediate_size": 384},
+    pretrain_epochs=45, pretrain_batch=256, pretrain_base_lr=4e-3, pretrain_warmup_epochs=2, checkpointing_steps=500,
+    finetune_subset_size=4500, finetune_epochs=50, finetune_batch=128, finetune_base_lr=2e-3,
+    monitor_steps=525, throughput_steps=0, mixed_precision_without_cuda="bf16",
+    target_finetune_gain=5.0, target_knn_gain=10.0,
+)
+_SMOKE_SIZES = dict(
     backbone={"patch_size": 4, "hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 3,
               "intermediate_size": 192},
     validation_size=40, pretrain_epochs=4, pretrain_batch=30, pretrain_base_lr=2e-2, pretrain_warmup_epochs=1,
     checkpointing_steps=8, finetune_epochs=3, finetune_batch=30, finetune_base_lr=2e-2, finetune_warmup_epochs=1,
-    probe_epochs=10, throughput_steps=6, logging_steps=2,
+    probe_epochs=10, throughput_steps=6, logging_steps=2, mixed_precision_without_cuda="no",
 )
+SMOKE_PLANS = {
+    "gpu": dataclasses.replace(GPU_PLAN, **_SMOKE_SIZES),
+    "cpu": dataclasses.replace(CPU_PLAN, **{**_SMOKE_SIZES, "throughput_steps": 0}, finetune_subset_size=60,
+                               monitor_steps=4, monitor_bank_size=60, monitor_eval_size=40),
+}
+PLANS = {"gpu": GPU_PLAN, "cpu": CPU_PLAN}
 
 # The restoration pretexts with the released configs' settings, scaled to 32 px where the setting is a length: SR x8
 # keeps frequencies below 32 / 16 = 2 cycles per image, close to MFM's low-pass radius (2.29); the deblur Gaussian's
@@ -107,13 +138,15 @@ class TimeLimitReached(RunStopped):
 
 
 # ---------------------------------------------------------------------------------------------------- stages
-def stage_names(pretexts: list[str]) -> list[str]:
-    """All stages in run order: the main comparison first, then the other pretexts, then the throughput check."""
-    names = ["pretrain-mfm", "finetune-mfm", "init-random", "finetune-scratch", "probe-mfm", "probe-random"]
+def stage_names(pretexts: list[str], plan: Plan) -> list[str]:
+    """All stages in run order: the main comparison first (with the pictures of the MFM encoder's
+    reconstructions), then the other pretexts, then the throughput check if the plan has one."""
+    names = ["pretrain-mfm", "pictures", "finetune-mfm", "init-random", "finetune-scratch", "probe-mfm",
+             "probe-random"]
     for pretext in pretexts:
         if pretext != "mfm":
             names += [f"pretrain-{pretext}", f"finetune-{pretext}", f"probe-{pretext}"]
-    return names + ["throughput"]
+    return names + ["card"] + (["throughput"] if plan.throughput_steps else [])
 
 
 class Study:
@@ -121,7 +154,7 @@ class Study:
         self.args, self.plan = args, plan
         self.root = Path(args.output_dir)
         self.cuda = _cuda_available()
-        self.mixed_precision = args.mixed_precision or ("bf16" if self.cuda else "no")
+        self.mixed_precision = args.mixed_precision or ("bf16" if self.cuda else plan.mixed_precision_without_cuda)
         self.deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else None
         self.started = False  # the first stage to run always starts
 
@@ -129,6 +162,20 @@ class Study:
     def data_flags(self) -> list[str]:
         return ["--train_file", self.args.train_file, "--validation_split_size", str(self.plan.validation_size),
                 "--validation_split_seed", "0"]
+
+    def test_flags(self) -> list[str]:
+        """The split the final table reports, evaluated once at the end of fine-tuning and probing."""
+        test = self.args.test_file
+        if test is None:
+            return []
+        return ["--test_dir" if os.path.isdir(test) else "--test_file", test]
+
+    def monitor_flags(self) -> list[str]:
+        plan = self.plan
+        if not plan.monitor_steps:
+            return []
+        return ["--monitor_steps", str(plan.monitor_steps), "--monitor_bank_size", str(plan.monitor_bank_size),
+                "--monitor_eval_size", str(plan.monitor_eval_size)]
 
     def pretrain_command(self, pretext: str, output: Path, extra: list[str]) -> list[str]:
         plan = self.plan
@@ -139,7 +186,8 @@ class Study:
             "--output_dir", str(output), "--per_device_train_batch_size", str(plan.pretrain_batch),
             "--base_learning_rate", str(plan.pretrain_base_lr), "--mixed_precision", self.mixed_precision,
             "--logging_steps", str(plan.logging_steps), "--visualization_steps", "0", "--report_to", "none",
-            "--dataloader_num_workers", str(self.args.dataloader_num_workers), "--seed", str(self.args.seed), *extra,
+            "--dataloader_num_workers", str(self.args.dataloader_num_workers), "--seed", str(self.args.seed),
+            *self.monitor_flags(), *extra,
         ]
 
     def finetune_command(self, model: Path, output: Path, layer_decay: float) -> list[str]:
@@ -153,6 +201,8 @@ class Study:
             "--layer_decay", str(layer_decay), "--mixed_precision", self.mixed_precision,
             "--dataloader_num_workers", str(self.args.dataloader_num_workers), "--seed", str(self.args.seed),
             "--logging_steps", str(plan.logging_steps), "--resume_from_checkpoint", "latest", "--report_to", "none",
+            *(["--train_subset_size", str(plan.finetune_subset_size)] if plan.finetune_subset_size else []),
+            *self.test_flags(),
         ]
 
     def probe_command(self, model: Path, output: Path) -> list[str]:
@@ -161,6 +211,7 @@ class Study:
             "--output_dir", str(output), "--per_device_eval_batch_size", "1024",
             "--dataloader_num_workers", str(self.args.dataloader_num_workers),
             "--linear_epochs", str(self.plan.probe_epochs), "--seed", str(self.args.seed),
+            "--mixed_precision", self.mixed_precision, *self.test_flags(),
         ]
 
     def encoder(self, name: str) -> Path:
@@ -195,6 +246,11 @@ class Study:
             commands.append(self.probe_command(self.encoder(which), folder))
         elif name == "init-random":
             save_random_initialisation(self.plan, folder, self.args.seed)
+        elif name == "pictures":
+            draw_reconstructions(self.encoder("mfm"), folder, self.args.train_file, self.plan.validation_size)
+        elif name == "card":
+            write_study_card(self.encoder("mfm"), self.root / "pictures", self.report()["rows"],
+                             "test" if self.args.test_file else "held-out")
         elif name == "throughput":
             for path in ("device", "pil"):
                 shutil.rmtree(folder / path, ignore_errors=True)  # a fresh, short run each time
@@ -211,6 +267,10 @@ class Study:
         print(f"[{name}] finished in {record['wall_seconds']:.0f} s", flush=True)
 
     def requirements(self, name: str) -> list[str]:
+        if name == "pictures":
+            return ["pretrain-mfm"]
+        if name == "card":
+            return ["pictures", "finetune-mfm", "finetune-scratch", "probe-mfm", "probe-random"]
         kind, _, which = name.partition("-")
         if kind == "finetune":
             return ["init-random" if which == "scratch" else f"pretrain-{which}"]
@@ -253,12 +313,22 @@ class Study:
         if kind == "finetune":
             results = json.loads((folder / "all_results.json").read_text(encoding="utf-8"))
             final = results["history"][-1] if results["history"] else {}
+            test = results.get("test", {})
             return {"finetuning": {"final_top1": final.get("top1"), "best_top1": results.get("best_top1"),
-                                   "best_epoch": results.get("best_epoch"), "steps": results["global_step"]}}
+                                   "best_epoch": results.get("best_epoch"), "steps": results["global_step"],
+                                   "test_final_top1": test.get("final", {}).get("top1"),
+                                   "test_best_top1": test.get("best", {}).get("top1")}}
         if kind == "probe":
             results = json.loads((folder / "results.json").read_text(encoding="utf-8"))
+            test = results.get("test", {})
             return {"probe": {"linear_top1": results.get("linear_probe", {}).get("top1"),
-                              "knn_top1": results.get("knn", {}).get("top1")}}
+                              "knn_top1": results.get("knn", {}).get("top1"),
+                              "test_linear_top1": test.get("linear_probe", {}).get("top1"),
+                              "test_knn_top1": test.get("knn", {}).get("top1")}}
+        if name == "pictures":
+            return {"pictures": json.loads((folder / "gain.json").read_text(encoding="utf-8"))}
+        if name == "card":
+            return {"card": str(self.encoder("mfm") / "README.md")}
         if name == "throughput":
             return {"throughput": {path: training_speed(folder / path) for path in ("device", "pil")}}
         return {}
@@ -278,12 +348,21 @@ class Study:
                 "pretext": pretext, "pretrain_epochs": 0 if pretext == "scratch" else self.plan.pretrain_epochs,
                 "finetune_epochs": self.plan.finetune_epochs, "finetune_final_top1": finetuning.get("final_top1"),
                 "finetune_best_top1": finetuning.get("best_top1"), "linear_top1": probe.get("linear_top1"),
-                "knn_top1": probe.get("knn_top1"), "pretrain_img_per_s": pretraining.get("img_per_s"),
+                "knn_top1": probe.get("knn_top1"), "test_finetune_final_top1": finetuning.get("test_final_top1"),
+                "test_finetune_best_top1": finetuning.get("test_best_top1"),
+                "test_linear_top1": probe.get("test_linear_top1"), "test_knn_top1": probe.get("test_knn_top1"),
+                "pretrain_img_per_s": pretraining.get("img_per_s"),
+                "pretrain_peak_memory_mib": pretraining.get("peak_memory_mib"),
                 "pretrain_minutes": _minutes(stages.get(f"pretrain-{pretext}")),
                 "finetune_minutes": _minutes(stages.get(f"finetune-{pretext}")),
+                "probe_minutes": _minutes(stages.get(f"probe-{encoder}")),
             })
-        summary = {"plan": dataclasses.asdict(self.plan), "smoke": self.args.smoke, "device": describe_device(),
-                   "mixed_precision": self.mixed_precision, "rows": rows, "verdict": verdict(rows),
+        summary = {"plan": dataclasses.asdict(self.plan), "plan_name": self.args.plan, "smoke": self.args.smoke,
+                   "device": describe_device(), "test_file": self.args.test_file,
+                   "mixed_precision": self.mixed_precision, "rows": rows, "verdict": verdict(rows, self.plan),
+                   "total_minutes": round(sum(stage["wall_seconds"] for stage in stages.values()) / 60, 2),
+                   "monitor": stages.get("pretrain-mfm", {}).get("pretraining", {}).get("monitor"),
+                   "pictures": stages.get("pictures", {}).get("pictures"),
                    "throughput": stages.get("throughput", {}).get("throughput"), "stages": stages}
         (self.root / "study.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         (self.root / "study.md").write_text(render_markdown(summary), encoding="utf-8")
@@ -294,18 +373,32 @@ def _minutes(record: dict[str, Any] | None) -> float | None:
     return round(record["wall_seconds"] / 60, 2) if record else None
 
 
-def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The study's two targets: MFM beats scratch by >= 3 points top-1 (final epoch); MFM >= each pretext."""
-    by_name = {row["pretext"]: row["finetune_final_top1"] for row in rows}
-    result: dict[str, Any] = {}
-    if by_name.get("mfm") is not None and by_name.get("scratch") is not None:
-        gain = by_name["mfm"] - by_name["scratch"]
-        result["mfm_minus_scratch"] = round(gain, 2)
-        result["mfm_beats_scratch_by_3"] = gain >= 3.0
-    others = {name: top1 for name, top1 in by_name.items() if name not in ("mfm", "scratch") and top1 is not None}
-    if others and by_name.get("mfm") is not None:
-        result["mfm_minus_pretexts"] = {name: round(by_name["mfm"] - top1, 2) for name, top1 in others.items()}
-        result["mfm_at_least_each_pretext"] = all(by_name["mfm"] >= top1 for top1 in others.values())
+def verdict(rows: list[dict[str, Any]], plan: Plan) -> dict[str, Any]:
+    """The plan's targets, on the test split when the study has one (else the held-out slice): fine-tuning from MFM
+    beats the random initialisation by ``target_finetune_gain`` points top-1 (final epoch), kNN by
+    ``target_knn_gain``; and MFM >= each other pretext."""
+    by_name = {row["pretext"]: row for row in rows}
+    mfm, scratch = by_name.get("mfm", {}), by_name.get("scratch", {})
+    split = "test" if mfm.get("test_finetune_final_top1") is not None else "held-out"
+
+    def value(row: dict[str, Any], key: str) -> float | None:
+        return row.get(f"test_{key}") if split == "test" else row.get(key)
+
+    result: dict[str, Any] = {"split": split}
+    targets = (("finetune", "finetune_final_top1", plan.target_finetune_gain),
+               ("knn", "knn_top1", plan.target_knn_gain))
+    for name, key, target in targets:
+        ours, theirs = value(mfm, key), value(scratch, key)
+        if ours is not None and theirs is not None:
+            result[f"{name}_mfm_minus_scratch"] = round(ours - theirs, 2)
+            if target is not None:
+                result[f"{name}_target_{target:g}_met"] = ours - theirs >= target
+    others = {name: value(row, "finetune_final_top1") for name, row in by_name.items()
+              if name not in ("mfm", "scratch") and value(row, "finetune_final_top1") is not None}
+    if others and value(mfm, "finetune_final_top1") is not None:
+        ours = value(mfm, "finetune_final_top1")
+        result["mfm_minus_pretexts"] = {name: round(ours - top1, 2) for name, top1 in others.items()}
+        result["mfm_at_least_each_pretext"] = all(ours >= top1 for top1 in others.values())
     return result
 
 
@@ -313,25 +406,49 @@ def render_markdown(summary: dict[str, Any]) -> str:
     def cell(value: Any, digits: int = 1) -> str:
         return "-" if value is None else (f"{value:.{digits}f}" if isinstance(value, float) else str(value))
 
+    def pair(first: Any, second: Any) -> str:
+        return f"{cell(first)} / {cell(second)}"
+
     plan = summary["plan"]
+    test = summary.get("test_file")
     lines = [
-        f"Device: {summary['device']}; mixed precision {summary['mixed_precision']}"
+        f"Device: {summary['device']}; mixed precision {summary['mixed_precision']}; plan {summary['plan_name']}; "
+        f"{cell(summary['total_minutes'])} min of stages"
         + ("; SMOKE RUN (tiny model and data, numbers mean nothing)" if summary["smoke"] else ""),
         "",
-        (f"ViT-Tiny ({json.dumps(plan['backbone'])}) at {plan['image_size']} px, mask radius "
-         f"{plan['mask_radius']:.2f}; top-1 (%) on the held-out slice of {plan['validation_size']} images."),
+        (f"ViT ({json.dumps(plan['backbone'])}) at {plan['image_size']} px, mask radius {plan['mask_radius']:.2f}; "
+         f"top-1 (%) on the held-out slice of {plan['validation_size']} training images"
+         + (f" and on the test split ({Path(test).name})" if test else "") + "; fine-tuning on "
+         + (f"{plan['finetune_subset_size']} labelled training images" if plan["finetune_subset_size"]
+            else "all training images outside the slice") + "."),
         "",
-        ("| pre-training | pre-train epochs | fine-tune epochs | fine-tune top-1 (final / best) | linear probe top-1 "
-         "| kNN top-1 | pre-train img/s | pre-train min | fine-tune min |"),
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ("| pre-training | pre-train epochs | fine-tune epochs | fine-tune top-1 held-out (final / best) "
+         "| fine-tune top-1 test (final / best) | linear probe held-out / test | kNN held-out / test "
+         "| pre-train img/s | pre-train peak MiB | pre-train min | fine-tune min | probe min |"),
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in summary["rows"]:
         lines.append(
             f"| {PRETEXT_NAMES[row['pretext']]} | {cell(row['pretrain_epochs'], 0)} | {row['finetune_epochs']} "
-            f"| {cell(row['finetune_final_top1'])} / {cell(row['finetune_best_top1'])} | {cell(row['linear_top1'])} "
-            f"| {cell(row['knn_top1'])} | {cell(row['pretrain_img_per_s'], 0)} | {cell(row['pretrain_minutes'])} "
-            f"| {cell(row['finetune_minutes'])} |"
+            f"| {pair(row['finetune_final_top1'], row['finetune_best_top1'])} "
+            f"| {pair(row['test_finetune_final_top1'], row['test_finetune_best_top1'])} "
+            f"| {pair(row['linear_top1'], row['test_linear_top1'])} | {pair(row['knn_top1'], row['test_knn_top1'])} "
+            f"| {cell(row['pretrain_img_per_s'], 0)} | {cell(row['pretrain_peak_memory_mib'], 0)} "
+            f"| {cell(row['pretrain_minutes'])} | {cell(row['finetune_minutes'])} | {cell(row['probe_minutes'])} |"
         )
+    monitor = summary.get("monitor")
+    if monitor:
+        lines += ["", "Pre-training monitor (held-out slice): step, kNN top-1 (%), reconstruction gain low-pass / "
+                  "high-pass (dB):", ""]
+        lines += ["| step | kNN top-1 | gain low-pass | gain high-pass |", "| --- | --- | --- | --- |"]
+        for record in monitor:
+            lines.append(f"| {record['step']} | {cell(record.get('knn_top1'), 2)} "
+                         f"| {cell(record.get('gain_low_pass_db'), 2)} | {cell(record.get('gain_high_pass_db'), 2)} |")
+    pictures = summary.get("pictures")
+    if pictures:
+        lines += ["", f"Reconstruction gain of the pre-trained encoder on {pictures['images']} held-out images: "
+                  f"low-pass {pictures['gain_low_pass_db']:+.2f} dB, high-pass {pictures['gain_high_pass_db']:+.2f} dB "
+                  f"(picture: pictures/reconstruction.png)"]
     throughput = summary.get("throughput")
     if throughput:
         lines += ["", "End-to-end pre-training loop (the study's model and batch):", "",
@@ -354,13 +471,17 @@ def training_speed(folder: Path) -> dict[str, Any]:
     run (its ``logs/metrics.jsonl``)."""
     from modeling_mfm.training.trackers import read_metrics
 
-    records = [r for r in read_metrics(folder / "logs" / "metrics.jsonl") if "img_per_s" in r]
+    logged = read_metrics(folder / "logs" / "metrics.jsonl")
+    records = [r for r in logged if "img_per_s" in r]
     if not records:
         return {}
     windows = [r["img_per_s"] for r in records[1:]] or [records[0]["img_per_s"]]
+    monitor = [{k: r[k] for k in ("step", "knn_top1", "gain_low_pass_db", "gain_high_pass_db") if k in r}
+               for r in logged if "knn_top1" in r]
     return {"img_per_s": round(statistics.median(windows), 1),
             "peak_memory_mib": round(max(r["peak_memory_mib"] for r in records), 1),
-            "final_loss": records[-1].get("loss"), "first_loss": records[0].get("loss")}
+            "final_loss": records[-1].get("loss"), "first_loss": records[0].get("loss"),
+            **({"monitor": monitor} if monitor else {})}
 
 
 def save_random_initialisation(plan: Plan, folder: Path, seed: int) -> None:
@@ -377,21 +498,94 @@ def save_random_initialisation(plan: Plan, folder: Path, seed: int) -> None:
     MFMForPreTraining(config).save_pretrained(folder)
 
 
-def make_smoke_dataset(path: Path, seed: int = 0) -> Path:
-    """A tiny CIFAR-like parquet file: ``SMOKE_CLASSES`` classes of ``SMOKE_PER_CLASS`` 32x32 JPEGs (a class colour
-    and stripe orientation under noise), columns ``image`` (Image) and ``label`` (ClassLabel)."""
+def draw_reconstructions(model_folder: Path, folder: Path, train_file: str, validation_size: int,
+                         gain_images: int = 1000, shown: int = 8) -> None:
+    """The pre-trained model's reconstructions of held-out images (alternating low-pass / high-pass rows, with
+    spectra) in ``folder/reconstruction.png``, titled with its reconstruction gain per view measured on
+    ``gain_images`` held-out images (``folder/gain.json``)."""
+    import torch
+
+    from modeling_mfm import MFMForPreTraining
+    from modeling_mfm.training.classification_data import ClassificationDataArguments
+    from modeling_mfm.training.device_dataset import load_device_images
+    from modeling_mfm.training.representation_monitor import reconstruction_gain
+    from modeling_mfm.training.visualization import reconstruction_picture, save_png
+
+    model = MFMForPreTraining.from_pretrained(model_folder).eval()
+    data = ClassificationDataArguments(train_file=train_file, validation_split_size=validation_size,
+                                       validation_split_seed=0).load_datasets(0)
+    rows = data.validation.select(range(min(gain_images, len(data.validation))))
+    images = load_device_images(rows, data.image_column, model.config.image_size, "cpu").images
+    gains = {view: float(gain) for view, gain in reconstruction_gain(model, images).items()}
+    title = (f"held-out images; gain over the corrupted input on {len(images)} of them: low-pass "
+             f"{gains['low_pass']:+.2f} dB, high-pass {gains['high_pass']:+.2f} dB PSNR")
+    with torch.no_grad():
+        picture = reconstruction_picture(model, images[:shown], title=title)
+    save_png(picture, folder / "reconstruction.png")
+    record = {"images": len(images), "gain_low_pass_db": round(gains["low_pass"], 3),
+              "gain_high_pass_db": round(gains["high_pass"], 3)}
+    (folder / "gain.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def write_study_card(model_folder: Path, pictures: Path, rows: list[dict[str, Any]], split: str) -> None:
+    """Adds the study's measured accuracies to the pre-trained folder's model card (model-index, a results table)
+    and its held-out reconstructions, so that ``run_scripts/release.py`` publishes them with the weights."""
+    from huggingface_hub import EvalResult, ModelCard
+
+    by_name = {row["pretext"]: row for row in rows}
+    prefix = "test_" if split == "test" else ""
+    dataset = {"dataset_type": "cifar10", "dataset_name": f"CIFAR-10 ({split} images)", "dataset_split": split}
+    measured = (("finetune_final_top1", "top-1 after low-label fine-tuning (final epoch)"),
+                ("knn_top1", "kNN top-1 of frozen features (k 20)"),
+                ("linear_top1", "linear-probe top-1 of frozen features"))
+    card = ModelCard.load(model_folder / "README.md")
+    card.data.model_name = STUDY_HUB_ID
+    card.data.eval_results = [
+        EvalResult(task_type="image-classification", metric_type="accuracy", metric_name=label,
+                   metric_value=round(by_name["mfm"][prefix + key], 2), **dataset)
+        for key, label in measured if by_name["mfm"].get(prefix + key) is not None
+    ]
+    lines = ["", "## Results of the CIFAR-10 study", "",
+             f"Measured by `benchmarks/cifar10_study.py` on the {split} images (top-1, %), against the random "
+             "initialisation of the same model under the same recipes (docs/cifar10_study.md):", "",
+             "| encoder | low-label fine-tuning (final / best epoch) | kNN | linear probe |", "| --- | --- | --- | --- |"]
+    for name in ("mfm", "scratch"):
+        row = by_name[name]
+        values = [row.get(prefix + key) for key in ("finetune_final_top1", "finetune_best_top1", "knn_top1",
+                                                    "linear_top1")]
+        cells = ["-" if v is None else f"{v:.1f}" for v in values]
+        lines.append(f"| {PRETEXT_NAMES[name]} | {cells[0]} / {cells[1]} | {cells[2]} | {cells[3]} |")
+    shutil.copyfile(pictures / "reconstruction.png", model_folder / HELD_OUT_PICTURE)
+    gain = json.loads((pictures / "gain.json").read_text(encoding="utf-8"))
+    lines += ["", f"Reconstructions of held-out images (gain over the corrupted input on {gain['images']} of them: "
+              f"low-pass {gain['gain_low_pass_db']:+.2f} dB, high-pass {gain['gain_high_pass_db']:+.2f} dB PSNR):",
+              "", f"![held-out reconstructions]({HELD_OUT_PICTURE})", ""]
+    body = card.text  # without the metadata, which is rebuilt from card.data (model-index included)
+    marker = "\n## Results of the CIFAR-10 study\n"
+    if marker in body:  # a rerun replaces the section
+        body = body[: body.index(marker)]
+    card.content = f"---\n{card.data.to_yaml()}\n---\n{body.rstrip()}\n" + "\n".join(lines)
+    card.save(model_folder / "README.md")
+
+
+def make_smoke_dataset(path: Path, seed: int = 0, per_class: int = SMOKE_PER_CLASS, sample_seed: int | None = None
+                       ) -> Path:
+    """A tiny CIFAR-like parquet file: ``SMOKE_CLASSES`` classes of ``per_class`` 32x32 JPEGs (a class colour, drawn
+    from ``seed``, and a stripe orientation under noise drawn from ``sample_seed``: another sample seed gives a test
+    split of the same classes), columns ``image`` (Image) and ``label`` (ClassLabel)."""
     import datasets
     import numpy as np
     from PIL import Image
 
-    rng = np.random.default_rng(seed)
+    colours = np.random.default_rng(seed).integers(40, 216, (SMOKE_CLASSES, 3))
+    rng = np.random.default_rng(seed if sample_seed is None else sample_seed)
     grid = np.mgrid[0:32, 0:32].astype(np.float32)
     images, labels = [], []
     for label in range(SMOKE_CLASSES):
-        colour = rng.integers(40, 216, 3)
+        colour = colours[label]
         angle = np.pi * label / SMOKE_CLASSES
         stripes = np.sin((grid[0] * np.cos(angle) + grid[1] * np.sin(angle)) * 0.8)[..., None]
-        for _ in range(SMOKE_PER_CLASS):
+        for _ in range(per_class):
             pixels = colour + 50 * stripes + rng.normal(0, 25, (32, 32, 3))
             buffer = io.BytesIO()
             Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
@@ -430,6 +624,15 @@ class StudyArguments:
     output_dir: str = field(metadata={"help": "One folder per stage, study.json and study.md."})
     train_file: str | None = field(
         default=None, metadata={"help": "CIFAR-10's training split: parquet file(s), a quoted glob pattern."}
+    )
+    test_file: str | None = field(
+        default=None,
+        metadata={"help": "The split the final table reports, evaluated once at the end of fine-tuning and probing: "
+                          "data file(s) like --train_file, or an image folder <dir>/<class>/*."},
+    )
+    plan: str = field(
+        default="gpu", metadata={"help": "The budgets: 'gpu' (ViT-Tiny, one GPU) or 'cpu' (a 4-layer ViT, 2 cores, "
+                                         "low-label fine-tuning).", "choices": tuple(PLANS)},
     )
     stage: str = field(default="all", metadata={"help": "One stage (see --list_stages), 'report', or 'all'."})
     pretexts: list[str] = field(
@@ -476,11 +679,11 @@ def parse_args(argv: Sequence[str] | None = None) -> StudyArguments:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)  # unwind, so that the running stage's script is stopped too
-    names = stage_names(args.pretexts)
+    plan = SMOKE_PLANS[args.plan] if args.smoke else PLANS[args.plan]
+    names = stage_names(args.pretexts, plan)
     if args.list_stages:
         print("\n".join(names + ["report"]))
         return 0
-    plan = SMOKE_PLAN if args.smoke else GPU_PLAN
     changes = {name: getattr(args, name) for name in ("pretrain_epochs", "finetune_epochs", "mask_radius")
                if getattr(args, name) is not None}
     plan = dataclasses.replace(plan, **changes)
@@ -489,11 +692,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.train_file = str(root / "smoke-data" / "train.parquet")
         if not Path(args.train_file).is_file():
             make_smoke_dataset(Path(args.train_file), seed=args.seed)
+        if args.plan == "cpu" and args.test_file is None:
+            args.test_file = str(root / "smoke-data" / "test.parquet")
+            if not Path(args.test_file).is_file():
+                make_smoke_dataset(Path(args.test_file), seed=args.seed, per_class=4, sample_seed=args.seed + 1)
     if args.train_file is None:
         raise StudyError("--train_file is required (or --smoke)")
     if args.stage not in (*names, "all", "report"):
         raise StudyError(f"unknown stage {args.stage!r}; stages: {', '.join(names)}, report, all")
-    check_plan(root, {"plan": dataclasses.asdict(plan), "train_file": args.train_file, "seed": args.seed})
+    if args.test_file is not None and not os.path.exists(args.test_file) and not glob.glob(args.test_file):
+        raise StudyError(f"--test_file {args.test_file!r} names no file or folder")
+    check_plan(root, {"plan": dataclasses.asdict(plan), "train_file": args.train_file, "seed": args.seed,
+                      "test_file": args.test_file})
     study = Study(args, plan)
     for name in names if args.stage == "all" else ([args.stage] if args.stage != "report" else []):
         study.run_stage(name)
@@ -517,7 +727,7 @@ def check_plan(root: Path, plan: dict[str, Any]) -> None:
         if saved != json.loads(json.dumps(plan)):
             changed = sorted(k for k in set(saved["plan"]) | set(plan["plan"])
                              if saved["plan"].get(k) != plan["plan"].get(k))
-            changed += [k for k in ("train_file", "seed") if saved.get(k) != plan.get(k)]
+            changed += [k for k in ("train_file", "seed", "test_file") if saved.get(k) != plan.get(k)]
             raise StudyError(f"{root} holds a study with another plan (differs in {', '.join(changed)}); "
                              "use another --output_dir")
         return

@@ -32,7 +32,7 @@ from .modeling_mfm import (
     build_image_processor,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 AutoConfig.register("mfm", MFMConfig, exist_ok=True)
 AutoModel.register(MFMConfig, MFMModel, exist_ok=True)

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from ..configuration_mfm import MFMConfig
 from .cli import ScriptArgumentParser
 from .model_factory import config_fields
+from .representation_monitor import MonitorArguments
 from .run_folder import RunFolderArguments
 
 __all__ = [
@@ -72,7 +73,7 @@ DEMO_MODEL_OVERRIDES: dict[str, Any] = {
 
 
 @dataclass
-class PretrainingArguments(RunFolderArguments):
+class PretrainingArguments(MonitorArguments, RunFolderArguments):
     """Everything but the MFMConfig fields. Help strings double as documentation (``--help``)."""
 
     _argument_group_name = "pre-training"

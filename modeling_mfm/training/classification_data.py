@@ -50,7 +50,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from .data import find_image_column, find_label_column, open_image
 from .data_files import absolute_image_paths, load_data_files
-from .holdout import held_out_size, split_off_validation
+from .holdout import held_out_size, split_off_validation, stratified_subset
 from .image_folders import folder_dataset, list_image_folder
 from .randomness import derive_seed
 from .transforms import to_rgb
@@ -106,6 +106,19 @@ class ClassificationDataArguments:
     )
     image_column_name: str | None = field(default=None, metadata={"help": "Image column (default: detected)."})
     label_column_name: str | None = field(default=None, metadata={"help": "Label column (default: detected)."})
+    test_dir: str | None = field(
+        default=None,
+        metadata={"help": "Image folder <test_dir>/<class>/* evaluated once, at the end (classes matched by name)."},
+    )
+    test_file: str | None = field(
+        default=None,
+        metadata={"help": "Data file(s) evaluated once, at the end, as --test_dir (any type --train_file takes)."},
+    )
+    train_subset_size: int | None = field(
+        default=None,
+        metadata={"help": "Train on N training rows chosen stratified by label (a low-label split; seeded by "
+                          "--validation_split_seed), after the held-out slice is taken out."},
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use the first N validation rows."})
     cache_dir: str | None = field(default=None, metadata={"help": "datasets / transformers cache folder."})
@@ -118,11 +131,16 @@ class ClassificationDataArguments:
             raise ValueError(
                 f"give exactly one of --dataset_name, --train_dir and --train_file (got {given or 'none'})"
             )
+        if self.test_dir is not None and self.test_file is not None:
+            raise ValueError("give --test_dir or --test_file, not both")
+        if self.train_subset_size is not None and self.train_subset_size < 1:
+            raise ValueError(f"train_subset_size must be >= 1 when given, got {self.train_subset_size}")
 
     def load_datasets(self, seed: int) -> ClassificationData:
         """The training and validation data these arguments name (`load_classification_dataset`), the first
         ``max_train_samples`` / ``max_eval_samples`` rows of each when given; the held-out slice, when there is no
-        validation split, is drawn with ``validation_split_seed`` (default ``seed``)."""
+        validation split, and the ``train_subset_size`` rows are drawn with ``validation_split_seed`` (default
+        ``seed``); the test split when ``test_dir`` or ``test_file`` is given."""
         data = load_classification_dataset(
             dataset_name=self.dataset_name, dataset_config_name=self.dataset_config_name, train_dir=self.train_dir,
             validation_dir=self.validation_dir, train_split_name=self.train_split_name,
@@ -133,8 +151,15 @@ class ClassificationDataArguments:
             train_file=self.train_file, validation_file=self.validation_file,
             validation_split_size=self.validation_split_size,
         )
+        if self.train_subset_size is not None:
+            subset_seed = seed if self.validation_split_seed is None else self.validation_split_seed
+            data.train = stratified_subset(data.train, data.label_column, self.train_subset_size, subset_seed)
         if self.max_train_samples is not None:
             data.train = data.train.select(range(min(self.max_train_samples, len(data.train))))
+        if self.test_dir is not None or self.test_file is not None:
+            test = load_test_split(self.test_dir, self.test_file, data.labels, self.image_column_name,
+                                   self.label_column_name, self.cache_dir)
+            data.test = test.rename_columns({"image": data.image_column, "label": data.label_column})
         if self.max_eval_samples is not None:
             data.validation = data.validation.select(range(min(self.max_eval_samples, len(data.validation))))
         return data
@@ -284,6 +309,7 @@ class ClassificationData:
     label_column: str
     labels: list[str]
     unlisted: list[str] = field(default_factory=list)  # folder entries that could not be listed (image folders)
+    test: datasets.Dataset | None = None  # evaluated once, at the end; labels in the training split's class order
 
     @property
     def id2label(self) -> dict[int, str]:
@@ -385,6 +411,45 @@ def load_classification_dataset(
     train = _undecoded(train.select_columns([image_column, label_column]), image_column)
     validation = _undecoded(validation.select_columns([image_column, label_column]), image_column)
     return ClassificationData(train, validation, image_column, label_column, labels, unlisted)
+
+
+def load_test_split(
+    test_dir: str | None,
+    test_file: str | None,
+    labels: Sequence[str],
+    image_column_name: str | None = None,
+    label_column_name: str | None = None,
+    cache_dir: str | None = None,
+) -> datasets.Dataset:
+    """The test images of an image folder or data files as columns ``image`` (undecoded) and ``label`` (the
+    training split's class order, matched by class name); a test class the training data lacks is an error."""
+    if test_dir is not None:
+        listing = _list_folder("test_dir", test_dir)
+        test = folder_dataset(listing)
+        image_column, label_column = "image", "label"
+    else:
+        splits, files = load_data_files(test_file, cache_dir=cache_dir)
+        test = splits["train"]
+        image_column = find_image_column(test.features, image_column_name)
+        label_column = find_label_column(test.features, label_column_name)
+        test = absolute_image_paths(test, image_column, files["train"])
+    feature = test.features[label_column]
+    names = feature.names if isinstance(feature, datasets.ClassLabel) else None
+    index = {str(name): i for i, name in enumerate(labels)}
+    found = sorted({str(names[v] if names else v) for v in test.unique(label_column)})
+    unknown = [name for name in found if name not in index]
+    if unknown:
+        raise ValueError(f"the test split has classes the training data lacks: {unknown[:5]} (training classes: "
+                         f"{list(labels)[:5]}...)")
+    if len(test) == 0:
+        raise ValueError("the test split has no rows")
+    test = _undecoded(test, image_column).map(
+        lambda row: {"target": index[str(names[row[label_column]] if names else row[label_column])]},
+        remove_columns=[c for c in test.column_names if c != image_column], desc="test labels",
+    )
+    test = test.rename_columns({image_column: "image", "target": "label"}) if image_column != "image" else \
+        test.rename_column("target", "label")
+    return test.cast_column("label", datasets.ClassLabel(names=list(labels)))
 
 
 def _undecoded(dataset: datasets.Dataset, column: str) -> datasets.Dataset:

@@ -478,7 +478,8 @@ def sample_photo_paths() -> list[str]:
     try:
         folder = resources.files("skimage") / "data"
     except ModuleNotFoundError as error:
-        raise ValueError("the embedded demo needs scikit-image (pip install scikit-image)") from error
+        raise ValueError("the embedded demo's photos ship with scikit-image: pip install "
+                         "'masked-frequency-modeling[demo]'") from error
     paths = [str(folder / name) for name in SAMPLE_PHOTOS if (folder / name).is_file()]
     if not paths:
         raise ValueError(f"none of the sample photos {SAMPLE_PHOTOS} were found in {folder}")

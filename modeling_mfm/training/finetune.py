@@ -322,9 +322,9 @@ def finetune(args: FinetuneArguments) -> dict[str, Any]:
         if args.fast_paths:
             apply_fast_paths(model)
         model.to(memory_format=preferred_memory_format(config, accelerator.device))  # CNNs: channels_last
-        eval_set, eval_loader = _eval_loader(args, data, config)
+        eval_set, eval_loader = _eval_loader(args, data.validation, data, config)
         if args.eval_only:
-            return _evaluate_only(args, data, model, eval_loader, accelerator)
+            return _evaluate_only(args, data, config, model, eval_loader, accelerator)
         if accelerator.is_main_process:  # the saved model's processor: this run's evaluation transform
             build_image_processor(config, crop_pct=args.crop_pct).save_pretrained(output_dir)
         if args.gradient_checkpointing:
@@ -434,8 +434,10 @@ def finetune(args: FinetuneArguments) -> dict[str, Any]:
         progress.close()
         state.skipped_images += sums.skipped_images(accelerator)
 
-        # ---- the outputs: results, the model card of a finished run, the push
+        # ---- the outputs: results (the test split's once, at the end), the model card of a finished run, the push
         results = _results(state, total_steps, data)
+        if data.test is not None and results["completed"]:
+            results["test"] = _test_final_and_best(args, data, config, model, accelerator)
         if accelerator.is_main_process:
             if state.skipped_images or data.unlisted:
                 logger.warning("skipped %d unreadable training images; %d folder entries could not be listed",
@@ -444,7 +446,8 @@ def finetune(args: FinetuneArguments) -> dict[str, Any]:
             if results["completed"] and state.best:
                 details = _training_details(args, config, state, data, schedule, num_epochs, total_batch, precision)
                 with write_faults(output_dir, "the model card"):
-                    (output_dir / "README.md").write_text(_model_card(args, config, state.best, details),
+                    (output_dir / "README.md").write_text(_model_card(args, config, state.best, details,
+                                                                      results.get("test")),
                                                           encoding="utf-8")
                 if args.push_to_hub:
                     url = publish_folder(
@@ -457,10 +460,10 @@ def finetune(args: FinetuneArguments) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def _eval_loader(args: FinetuneArguments, data: Any, config: Any) -> tuple[Any, DataLoader]:
-    """The validation set with the evaluation transform, and its loader."""
+def _eval_loader(args: FinetuneArguments, rows: Any, data: Any, config: Any) -> tuple[Any, DataLoader]:
+    """The evaluation rows (validation or test) with the evaluation transform, and their loader."""
     transform = build_eval_transform(config.image_size, config.image_mean, config.image_std, args.crop_pct)
-    eval_set = ClassificationDataset(data.validation, data.image_column, data.label_column, transform)
+    eval_set = ClassificationDataset(rows, data.image_column, data.label_column, transform)
     workers = args.dataloader_num_workers
     if args.dataset_on_device:  # the evaluation transform draws nothing: run it once, not every epoch
         eval_set, workers = cache_in_memory(eval_set, num_workers=args.dataloader_num_workers), 0
@@ -535,12 +538,36 @@ def _checkpoint(accelerator: Accelerator, args: FinetuneArguments, state: Traine
                     keep=args.checkpoints_total_limit)
 
 
-def _evaluate_only(args: FinetuneArguments, data: Any, model: Any, eval_loader: DataLoader,
+def _evaluate_test(args: FinetuneArguments, data: Any, config: Any, model: Any, accelerator: Accelerator
+                   ) -> dict[str, float]:
+    """Top-1 / top-5 of ``model`` (prepared) on the test split."""
+    _, test_loader = _eval_loader(args, data.test, data, config)
+    return evaluate_classifier(model, accelerator.prepare(test_loader), accelerator)
+
+
+def _test_final_and_best(args: FinetuneArguments, data: Any, config: Any, model: Any, accelerator: Accelerator
+                         ) -> dict[str, dict[str, float]]:
+    """The test split, evaluated once: the final model, then the best epoch's (chosen on the validation split and
+    saved in ``output_dir``), whose weights the model then keeps."""
+    results = {"final": _evaluate_test(args, data, config, model, accelerator)}
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    best = type(unwrapped).from_pretrained(args.output_dir).state_dict()
+    unwrapped.load_state_dict(best)
+    results["best"] = _evaluate_test(args, data, config, model, accelerator)
+    logger.info("test split: final model top-1 %.2f, best epoch's top-1 %.2f", results["final"]["top1"],
+                results["best"]["top1"])
+    return results
+
+
+def _evaluate_only(args: FinetuneArguments, data: Any, config: Any, model: Any, eval_loader: DataLoader,
                    accelerator: Accelerator) -> dict[str, Any]:
     model, eval_loader = accelerator.prepare(model, eval_loader)
     metrics = evaluate_classifier(model, eval_loader, accelerator)
     logger.info("evaluation of %s: %s", args.model_name_or_path, metrics)
     results = {"eval_" + k: v for k, v in metrics.items()}
+    if data.test is not None:
+        results.update({"test_" + k: v for k, v in _evaluate_test(args, data, config, model, accelerator).items()})
     results["eval_unlisted_entries"] = len(data.unlisted)
     if accelerator.is_main_process:
         write_json(Path(args.output_dir) / "eval_results.json", results, sort_keys=True)
@@ -589,7 +616,8 @@ def _training_details(args: FinetuneArguments, config: Any, state: TrainerState,
     return details
 
 
-def _model_card(args: FinetuneArguments, config: Any, best: dict[str, Any], details: dict[str, Any]) -> str:
+def _model_card(args: FinetuneArguments, config: Any, best: dict[str, Any], details: dict[str, Any],
+                test: dict[str, dict[str, float]] | None = None) -> str:
     repo_id = args.hub_model_id or f"local/{Path(args.output_dir).resolve().name}"
     folder = Path(args.train_dir).resolve() if args.train_dir else None
     if args.train_file:  # <name>/train-*.parquet: the dataset is <name>
@@ -602,6 +630,9 @@ def _model_card(args: FinetuneArguments, config: Any, best: dict[str, Any], deta
         if key in best.get("metrics", {}):
             results.append({"task": "image-classification", "dataset": dataset, "metric": "accuracy", "name": name,
                             "value": round(best["metrics"][key], 3), "split": "validation"})
+        if test is not None and key in test["best"]:  # the folder holds the best epoch's model
+            results.append({"task": "image-classification", "dataset": dataset, "metric": "accuracy", "name": name,
+                            "value": round(test["best"][key], 3), "split": "test"})
     source = args.model_name_or_path
     base_model = source if source and not os.path.isdir(source) and source.count("/") == 1 else None
     return render_model_card(

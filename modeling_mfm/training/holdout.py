@@ -16,7 +16,7 @@ from typing import Any
 import datasets
 import numpy as np
 
-__all__ = ["held_out_size", "split_off_validation", "stratified_holdout"]
+__all__ = ["held_out_size", "split_off_validation", "stratified_holdout", "stratified_subset"]
 
 
 def held_out_size(num_rows: int, size: int | None = None, percentage: float | None = None) -> int:
@@ -72,3 +72,17 @@ def split_off_validation(
     labels = dataset.select_columns([label_column]).with_format("numpy")[label_column]
     kept, held_out = stratified_holdout(labels, size, seed)
     return dataset.select(kept), dataset.select(held_out)
+
+
+def stratified_subset(dataset: datasets.Dataset, label_column: str, size: int, seed: int) -> datasets.Dataset:
+    """``size`` rows of ``dataset`` (all of them if it has no more), each class in proportion to its rows: the
+    slice rule of `stratified_holdout`, for a labelled subset such as a low-label fine-tuning split."""
+    if size < 1:
+        raise ValueError(f"the subset size must be >= 1, got {size}")
+    if size >= len(dataset):
+        return dataset
+    if label_column not in dataset.column_names:
+        raise ValueError(f"the label column {label_column!r} is not in the dataset; columns: {dataset.column_names}")
+    labels = dataset.select_columns([label_column]).with_format("numpy")[label_column]
+    _, chosen = stratified_holdout(labels, size, seed)
+    return dataset.select(chosen)

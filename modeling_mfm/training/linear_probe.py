@@ -226,9 +226,10 @@ def knn_scores(
     scores = []
     for start in range(0, len(query_features), chunk_size):
         queries = F.normalize(query_features[start:start + chunk_size].float(), dim=1)
-        similarity, neighbours = (queries @ bank.T).topk(k, dim=1)  # (q, k)
-        votes = torch.zeros(len(queries), num_classes, dtype=torch.float32)
-        votes.scatter_add_(1, train_labels[neighbours], (similarity / temperature).exp())
+        with torch.autocast(device_type=queries.device.type, enabled=False):  # similarities in float32
+            similarity, neighbours = (queries @ bank.T).topk(k, dim=1)  # (q, k)
+        votes = torch.zeros(len(queries), num_classes, dtype=torch.float32, device=queries.device)
+        votes.scatter_add_(1, train_labels.to(queries.device)[neighbours], (similarity / temperature).exp())
         scores.append(votes)
     return torch.cat(scores)
 
@@ -252,6 +253,10 @@ def run_linear_probe(args: LinearProbeArguments) -> dict[str, Any]:
                                                                  _loader(args, eval_set))
         train_features, train_labels = extract_features(encoder, train_loader, accelerator, args.pooling)
         eval_features, eval_labels = extract_features(encoder, eval_loader, accelerator, args.pooling)
+        test = None
+        if data.test is not None:  # evaluated once, with the head trained for the validation split
+            test_set = ClassificationDataset(data.test, data.image_column, data.label_column, transform)
+            test = extract_features(encoder, accelerator.prepare(_loader(args, test_set)), accelerator, args.pooling)
         logger.info("features: %d train, %d validation, dimension %d", len(train_features), len(eval_features),
                     train_features.shape[1])
         unreadable = {"train": len(train_set) - len(train_features), "eval": len(eval_set) - len(eval_features)}
@@ -267,25 +272,44 @@ def run_linear_probe(args: LinearProbeArguments) -> dict[str, Any]:
         }
         num_classes = len(data.labels)
         if accelerator.is_main_process:
+            if test is not None:
+                results["test"] = {"num_eval": len(test[0])}
             if args.knn_k > 0:
-                votes = knn_scores(train_features, train_labels, eval_features, num_classes, args.knn_k,
-                                   args.knn_temperature)
-                results["knn"] = {"k": min(args.knn_k, len(train_features)), "temperature": args.knn_temperature,
-                                  **top_k_accuracy(votes, eval_labels)}
+                knn = {"k": min(args.knn_k, len(train_features)), "temperature": args.knn_temperature}
+                for split, (features, labels) in _evaluated_splits(eval_features, eval_labels, test):
+                    votes = knn_scores(train_features, train_labels, features, num_classes, args.knn_k,
+                                       args.knn_temperature)
+                    _results_of(results, split)["knn"] = {**knn, **top_k_accuracy(votes, labels)}
             if args.linear_epochs > 0:
-                _, scores = train_linear_probe(
+                probe, scores = train_linear_probe(
                     train_features, train_labels, eval_features, eval_labels, num_classes, args.linear_epochs,
                     args.linear_batch_size, args.linear_base_lr, args.linear_weight_decay, args.linear_warmup_epochs,
                     args.seed,
                 )
                 results["linear_probe"] = {"epochs": args.linear_epochs, **scores}
+                if test is not None:
+                    with torch.no_grad():
+                        test_scores = top_k_accuracy(probe(test[0]), test[1])
+                    results["test"]["linear_probe"] = {"epochs": args.linear_epochs, **test_scores}
             write_json(Path(args.output_dir) / "results.json", results)
-            for name in ("linear_probe", "knn"):
-                if name in results:
-                    scores = {k: v for k, v in results[name].items() if k.startswith("top")}
-                    print(f"{name:>12}: " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+            for split, values in (("validation", results), ("test", results.get("test", {}))):
+                for name in ("linear_probe", "knn"):
+                    if name in values:
+                        scores = {k: v for k, v in values[name].items() if k.startswith("top")}
+                        print(f"{split:>10} {name:>12}: " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()))
         accelerator.wait_for_everyone()
         return results
+
+
+def _evaluated_splits(eval_features: torch.Tensor, eval_labels: torch.Tensor,
+                      test: tuple[torch.Tensor, torch.Tensor] | None) -> list[tuple[str, tuple[torch.Tensor, ...]]]:
+    splits = [("validation", (eval_features, eval_labels))]
+    return splits + ([("test", test)] if test is not None else [])
+
+
+def _results_of(results: dict[str, Any], split: str) -> dict[str, Any]:
+    """Where a split's scores go: the top level for the validation split, ``results["test"]`` for the test split."""
+    return results if split == "validation" else results["test"]
 
 
 def _loader(args: LinearProbeArguments, dataset: ClassificationDataset) -> DataLoader:

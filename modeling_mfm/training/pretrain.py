@@ -61,19 +61,21 @@ from .pretraining_data import (
     available_cores,
     batch_images,
     fixed_batch,
+    load_monitor_images,
     load_pretraining_data,
     local_processes,
     micro_batches,
     prepare_for_training,
     training_loader,
 )
+from .representation_monitor import RepresentationMonitor, describe_measurement, summarize_measurements
 from .randomness import derive_seed, global_micro_batch_index, seeded_device_rng
 from .run_folder import config_settings, describe_settings_changes, hold_output_dir, resume_run, trajectory_settings
 from .schedules import LearningRateSchedule
 from .step_statistics import NonFiniteLossError, StepStatistics
-from .trackers import LOGS_FOLDER, build_trackers, check_report_to, start_trackers
+from .trackers import LOGS_FOLDER, METRICS_FILE, build_trackers, check_report_to, read_metrics, start_trackers
 from .transforms import normalize_on_device
-from .visualization import predict_fixed_batch, reconstruction_grid, save_png
+from .visualization import reconstruction_picture, save_png
 
 __all__ = [
     "NonFiniteLossError",
@@ -101,6 +103,7 @@ RUN_ONLY_ARGUMENTS = frozenset({
     "hub_private_repo", "hub_local_dir", "dataloader_num_workers", "dataloader_prefetch_factor", "cache_dir",
     "cpu_threads", "torch_compile", "torch_compile_backend", "torch_compile_mode", "gradient_checkpointing",
     "cudnn_benchmark", "max_nonfinite_retries",
+    "monitor_steps", "monitor_bank_size", "monitor_eval_size", "monitor_gain_size", "knn_k", "knn_temperature",
     "model", "config_file", "backbone_overrides", "per_device_train_batch_size", "gradient_accumulation_steps",
     "num_train_epochs", "max_train_steps", "warmup_epochs", "warmup_steps", "warmup_ratio", "base_learning_rate",
     "warmup_lr", "min_lr", "mixed_precision",
@@ -159,6 +162,7 @@ def run_pretraining(args: PretrainingArguments, config_overrides: dict[str, Any]
             config = _model_config(args, config_overrides or {}, accelerator)
             data = load_pretraining_data(args, config, accelerator)
             plan = _plan(args, data, accelerator)
+            monitor = _monitor(args, config, accelerator)
         set_seed(args.seed)  # the same initialisation on every process
         model = build_model(config, args.model_name_or_path, fast_paths=args.fast_paths)
         if args.gradient_checkpointing:
@@ -188,6 +192,8 @@ def run_pretraining(args: PretrainingArguments, config_overrides: dict[str, Any]
         picture = _save_picture(accelerator, model, pictures, 0, args) if state.step == 0 else None
         progress = tqdm(total=plan.total_steps, initial=state.step, desc="pre-training",
                         disable=not accelerator.is_local_main_process)
+        if state.step == 0:
+            _measure(accelerator, monitor, model, state.step, progress)
         statistics = StepStatistics(accelerator.device, _nonfinite_patience(args, accelerator))
         mean = torch.tensor(config.image_mean, device=accelerator.device).view(1, -1, 1, 1)
         std = torch.tensor(config.image_std, device=accelerator.device).view(1, -1, 1, 1)
@@ -227,6 +233,8 @@ def run_pretraining(args: PretrainingArguments, config_overrides: dict[str, Any]
                     last_loss = _log(accelerator, statistics, state, plan, lr, time.perf_counter() - window_start,
                                      window_steps, progress, last_checkpoint)
                     window_start, window_steps = time.perf_counter(), 0
+                if monitor is not None and (state.step % args.monitor_steps == 0 or last_step):
+                    _measure(accelerator, monitor, model, state.step, progress)
                 if args.visualization_steps and state.step % args.visualization_steps == 0 and not last_step:
                     picture = _save_picture(accelerator, model, pictures, state.step, args) or picture
                 if last_step or (args.checkpointing_steps and state.step % args.checkpointing_steps == 0) or (
@@ -403,6 +411,23 @@ def _settings(args: PretrainingArguments, config: Any, plan: _Plan, precision: s
     )
 
 
+def _monitor(args: PretrainingArguments, config: Any, accelerator: Accelerator) -> RepresentationMonitor | None:
+    """The representation monitor of ``--monitor_steps`` (None when off); it runs on the main process."""
+    if not args.monitor_steps:
+        return None
+    args.check_monitor()
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise ValueError("--monitor_steps runs the encoder on the main process alone, which FSDP's sharded weights "
+                         "do not allow; evaluate the saved checkpoints with run_linear_probe.py instead")
+    if not accelerator.is_main_process:
+        return None
+    images = load_monitor_images(args, config.image_size, accelerator.device)
+    logger.info("monitor: kNN of %d held-out images on a bank of %d training images every %d steps",
+                len(images.query_images), len(images.bank_images), args.monitor_steps)
+    return RepresentationMonitor(images, k=args.knn_k, temperature=args.knn_temperature,
+                                 gain_size=args.monitor_gain_size)
+
+
 def _nonfinite_patience(args: PretrainingArguments, accelerator: Accelerator) -> int:
     if args.max_nonfinite_retries is not None:
         return args.max_nonfinite_retries
@@ -439,6 +464,17 @@ def _checkpoint(accelerator: Accelerator, statistics: StepStatistics, state: Tra
                            keep=args.checkpoints_total_limit)
 
 
+def _measure(accelerator: Accelerator, monitor: RepresentationMonitor | None, model: Any, step: int,
+             progress: tqdm) -> None:
+    """One measurement of the monitor (main process), logged to the trackers and shown under the progress bar."""
+    if monitor is None:
+        return
+    with accelerator.autocast():
+        values = monitor.measure(accelerator.unwrap_model(model, keep_torch_compile=False))
+    accelerator.log(values, step=step)
+    progress.write(describe_measurement(step, values))
+
+
 def _save_picture(accelerator: Accelerator, model: Any, images: torch.Tensor | None, step: int,
                   args: PretrainingArguments) -> str | None:
     """Saves (and logs to the trackers) the reconstruction picture of the fixed batch at ``step``; returns its path
@@ -447,14 +483,10 @@ def _save_picture(accelerator: Accelerator, model: Any, images: torch.Tensor | N
         return None
     if accelerator.distributed_type != DistributedType.FSDP:
         model = accelerator.unwrap_model(model, keep_torch_compile=False)
-    prediction = predict_fixed_batch(model, images, seed=args.seed)
+    picture = reconstruction_picture(model, images, seed=args.seed,  # every process runs it (FSDP)
+                                     title=f"step {step} - loss on this batch {{loss:.4f}}")
     if not accelerator.is_main_process:
         return None
-    picture = reconstruction_grid(
-        prediction["original"], prediction["corrupted"], prediction["reconstruction"],
-        prediction["frequency_mask"], prediction["row_labels"],
-        title=f"step {step} - loss on this batch {prediction['loss']:.4f}",
-    )
     path = os.path.join(args.output_dir, FINAL_PICTURE)
     with write_faults(args.output_dir, "the reconstruction pictures"):
         save_png(picture, os.path.join(args.output_dir, PICTURES_FOLDER, f"step-{step:07d}.png"))
@@ -489,6 +521,9 @@ def _training_details(args: PretrainingArguments, config: Any, data: Pretraining
         "training time (this invocation)": f"{seconds / 60:.1f} min",
         "skipped images": state.skipped_images,
     }
+    metrics_file = Path(args.output_dir, LOGS_FOLDER, METRICS_FILE)
+    if args.monitor_steps and metrics_file.is_file():
+        details.update(summarize_measurements(read_metrics(metrics_file)))
     if data.unlisted:
         details["folder entries that could not be listed"] = len(data.unlisted)
     if state.settings_changes:

@@ -31,8 +31,11 @@ from .data import (
     prepare_stream,
     sample_photo_source,
 )
+from .classification_data import load_classification_dataset
 from .device_dataset import DeviceBatches, DeviceImages, load_device_images
+from .holdout import stratified_subset
 from .device_decoding import DeviceDecodeTransform, collate_encoded_batches, decode_batch
+from .representation_monitor import MonitorImages
 from .transforms import DEFAULT_CROP_RATIO, PretrainTransform
 
 __all__ = [
@@ -41,6 +44,7 @@ __all__ = [
     "batch_images",
     "default_num_workers",
     "fixed_batch",
+    "load_monitor_images",
     "load_pretraining_data",
     "local_processes",
     "micro_batches",
@@ -135,6 +139,32 @@ def load_pretraining_data(args: PretrainingArguments, config: Any, accelerator: 
                                workers, unlisted)
     dataset = PretrainingDataset(HFImageSource(rows, column), transform, seed=args.seed)
     return PretrainingData(dataset, f"{_source_name(args)} ({len(dataset)} images)", workers, unlisted)
+
+
+def load_monitor_images(args: PretrainingArguments, image_size: int, device: torch.device | str) -> MonitorImages:
+    """The labelled images of the representation monitor, decoded onto ``device``: a stratified bank of
+    ``monitor_bank_size`` training rows and ``monitor_eval_size`` rows of the held-out slice that the run leaves out
+    (the same slice as fine-tuning's, `holdout`; a Hub dataset's own validation or test split where it has one)."""
+    if is_demo_run(args) or args.streaming:
+        raise ValueError("--monitor_steps needs labelled data that is not streamed (--dataset_name, --train_dir or "
+                         "--train_file with a label column)")
+    if args.validation_split_size is None and args.validation_split_percentage is None:
+        raise ValueError("--monitor_steps measures on the held-out slice: give --validation_split_size or "
+                         "--validation_split_percentage")
+    seed = args.seed if args.validation_split_seed is None else args.validation_split_seed
+    data = load_classification_dataset(
+        dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name, train_dir=args.train_dir,
+        train_split_name=args.train_split, validation_split_percentage=args.validation_split_percentage or 10.0,
+        validation_split_size=args.validation_split_size, image_column_name=args.image_column_name,
+        label_column_name=args.label_column_name, seed=seed, cache_dir=args.cache_dir, token=args.hub_token,
+        train_file=args.train_file,
+    )
+    decoded = []
+    for rows, size in ((data.train, args.monitor_bank_size), (data.validation, args.monitor_eval_size)):
+        rows = stratified_subset(rows, data.label_column, size, seed)
+        decoded.append(load_device_images(rows, data.image_column, image_size, device, label_column=data.label_column))
+    bank, queries = decoded
+    return MonitorImages(bank.images, bank.labels, queries.images, queries.labels, num_classes=len(data.labels))
 
 
 def training_loader(args: PretrainingArguments, data: PretrainingData, accelerator: Any) -> DeviceBatches | DataLoader:

@@ -156,3 +156,14 @@ def predict_fixed_batch(model: Any, images_uint8: torch.Tensor, seed: int = 0) -
         "row_labels": labels,
         "loss": float(output.loss),
     }
+
+
+def reconstruction_picture(model: Any, images_uint8: torch.Tensor, seed: int = 0,
+                           title: str = "loss on this batch {loss:.4f}") -> np.ndarray:
+    """`predict_fixed_batch` drawn by `reconstruction_grid`: the picture of the training runs and the study;
+    ``{loss}`` in the title is the batch's loss."""
+    prediction = predict_fixed_batch(model, images_uint8, seed=seed)
+    return reconstruction_grid(
+        prediction["original"], prediction["corrupted"], prediction["reconstruction"],
+        prediction["frequency_mask"], prediction["row_labels"], title=title.format(loss=prediction["loss"]),
+    )
