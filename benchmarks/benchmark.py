@@ -30,10 +30,10 @@ from step_benchmark import (
     benchmark_transform_stages,
 )
 
+from modeling_mfm.cli import ScriptArgumentParser, ScriptError, run_script
 from modeling_mfm.configuration_mfm import MFMConfig
-from modeling_mfm.training.arguments import COMPILE_MODES
-from modeling_mfm.training.cli import ScriptArgumentParser, ScriptError, run_script
-from modeling_mfm.training.model_factory import cudnn_autotuning
+from modeling_mfm.training.loops.pretraining_arguments import COMPILE_MODES
+from modeling_mfm.training.models.model_factory import cudnn_autotuning
 
 
 @dataclass

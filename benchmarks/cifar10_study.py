@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modeling_mfm.training.cli import RunStopped, ScriptArgumentParser, ScriptError, run_script
+from modeling_mfm.cli import RunStopped, ScriptArgumentParser, ScriptError, run_script
 
 REPO = Path(__file__).resolve().parents[1]
 PRETEXTS = ("mfm", "sr", "deblur", "denoise")
@@ -469,7 +469,7 @@ def render_command(command: list[str]) -> str:
 def training_speed(folder: Path) -> dict[str, Any]:
     """Median img/s over the logged windows after the first (start-up) one, and the peak memory, of a pre-training
     run (its ``logs/metrics.jsonl``)."""
-    from modeling_mfm.training.trackers import read_metrics
+    from modeling_mfm.training.run.trackers import read_metrics
 
     logged = read_metrics(folder / "logs" / "metrics.jsonl")
     records = [r for r in logged if "img_per_s" in r]
@@ -490,7 +490,7 @@ def save_random_initialisation(plan: Plan, folder: Path, seed: int) -> None:
     import torch
 
     from modeling_mfm import MFMForPreTraining
-    from modeling_mfm.training.model_factory import build_config
+    from modeling_mfm.training.models.model_factory import build_config
 
     config = build_config("mfm-vit-tiny", overrides={"image_size": plan.image_size, "mask_radius": plan.mask_radius},
                           backbone_overrides=plan.backbone)
@@ -506,10 +506,10 @@ def draw_reconstructions(model_folder: Path, folder: Path, train_file: str, vali
     import torch
 
     from modeling_mfm import MFMForPreTraining
-    from modeling_mfm.training.classification_data import ClassificationDataArguments
-    from modeling_mfm.training.device_dataset import load_device_images
-    from modeling_mfm.training.representation_monitor import reconstruction_gain
-    from modeling_mfm.training.visualization import reconstruction_picture, save_png
+    from modeling_mfm.training.data.classification_data import ClassificationDataArguments
+    from modeling_mfm.training.data.device_dataset import load_device_images
+    from modeling_mfm.training.evaluation.representation_monitor import reconstruction_gain
+    from modeling_mfm.training.evaluation.visualization import reconstruction_picture, save_png
 
     model = MFMForPreTraining.from_pretrained(model_folder).eval()
     data = ClassificationDataArguments(train_file=train_file, validation_split_size=validation_size,

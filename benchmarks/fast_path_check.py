@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from modeling_mfm.fast_paths import apply_fast_paths
-from modeling_mfm.training.model_factory import preferred_memory_format
-from modeling_mfm.training.transforms import normalize_on_device
+from modeling_mfm.training.data.transforms import normalize_on_device
+from modeling_mfm.training.models.model_factory import preferred_memory_format
 
 __all__ = ["fast_path_agreement"]
 

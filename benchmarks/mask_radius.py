@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from modeling_mfm.cli import ScriptArgumentParser, run_script
 from modeling_mfm.frequency import filter_frequencies, low_pass_mask
-from modeling_mfm.training.cli import ScriptArgumentParser, run_script
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)

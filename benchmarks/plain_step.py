@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from modeling_mfm import MFMForPreTraining
 from modeling_mfm.conversion import official_reference as reference
-from modeling_mfm.training.model_factory import enable_activation_checkpointing
+from modeling_mfm.training.models.model_factory import enable_activation_checkpointing
 
 __all__ = ["plain_config", "plain_decode", "plain_keep_masks", "plain_model", "plain_pretraining_loss",
            "plain_training_step"]

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from modeling_mfm.training.cli import ScriptArgumentParser, run_script
+from modeling_mfm.cli import ScriptArgumentParser, run_script
 
 VARIANTS = ("fp32", "bf16", "bf16_residual")
 
@@ -48,8 +48,8 @@ class ConvergenceArguments:
 
 def run_variant(variant: str, args: ConvergenceArguments) -> None:
     """One pre-training run, in this process."""
-    from modeling_mfm.training import pretrain
-    from modeling_mfm.training.arguments import parse_arguments
+    from modeling_mfm.training.loops import pretrain
+    from modeling_mfm.training.loops.pretraining_arguments import parse_arguments
 
     argv = [
         "--model", "mfm-vit-tiny", "--image_size", str(args.image_size),

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from modeling_mfm import MFMConfig, MFMForPreTraining
+from modeling_mfm.cli import ScriptArgumentParser, ScriptError, run_script
 from modeling_mfm.fast_paths import apply_fast_paths
-from modeling_mfm.training.cli import ScriptArgumentParser, ScriptError, run_script
 
 # (name, forced kernels or None for SDPA's choice, compiled)
 VARIANTS = (

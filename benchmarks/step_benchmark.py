@@ -23,23 +23,23 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from modeling_mfm import MFMForPreTraining
 from modeling_mfm.fast_paths import apply_fast_paths
-from modeling_mfm.training.data import (
+from modeling_mfm.training.data.device_decoding import DeviceDecodeTransform, collate_encoded_batches, decode_batch
+from modeling_mfm.training.data.sources import (
     EpochShuffleSampler,
     HFImageSource,
     PretrainingDataset,
     collate_pixel_batches,
     load_image_dataset,
 )
-from modeling_mfm.training.device_decoding import DeviceDecodeTransform, collate_encoded_batches, decode_batch
-from modeling_mfm.training.model_factory import enable_activation_checkpointing, preferred_memory_format
-from modeling_mfm.training.monitoring import (
+from modeling_mfm.training.data.transforms import PretrainTransform, normalize_on_device
+from modeling_mfm.training.models.model_factory import enable_activation_checkpointing, preferred_memory_format
+from modeling_mfm.training.optim.optimizer import build_optimizer
+from modeling_mfm.training.run.monitoring import (
     describe_hardware,
     peak_memory_bytes,
     peak_reserved_bytes,
     reset_peak_memory,
 )
-from modeling_mfm.training.optim import build_optimizer
-from modeling_mfm.training.transforms import PretrainTransform, normalize_on_device
 
 __all__ = [
     "benchmark_input_pipeline",

@@ -43,10 +43,10 @@ from step_benchmark import profile_steps
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from modeling_mfm import FrequencyLoss, MFMConfig, MFMForPreTraining
+from modeling_mfm.cli import ScriptArgumentParser, run_script
 from modeling_mfm.fast_paths import apply_fast_paths, keep_residual_stream_in_bf16
-from modeling_mfm.training.cli import ScriptArgumentParser, run_script
-from modeling_mfm.training.monitoring import peak_reserved_bytes
-from modeling_mfm.training.optim import build_optimizer
+from modeling_mfm.training.optim.optimizer import build_optimizer
+from modeling_mfm.training.run.monitoring import peak_reserved_bytes
 
 DEFAULT_VARIANTS = ("conv_patches+complex_fft+separate_qkv", "separate_qkv", "autocast", "bf16_residual",
                     "bf16_residual+cudagraphs")

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from modeling_mfm.cli import ScriptArgumentParser, ScriptError, run_script
 from modeling_mfm.conversion import release
 from modeling_mfm.conversion.convert_original import PARITY_TOLERANCE, convert_checkpoint, write_converted
-from modeling_mfm.conversion.hub import check_repo_id, publish_folder
-from modeling_mfm.training.cli import ScriptArgumentParser, ScriptError, run_script
+from modeling_mfm.publishing.hub import check_repo_id, publish_folder
 
 
 @dataclass

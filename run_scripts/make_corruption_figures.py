@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from modeling_mfm import MFMConfig
-from modeling_mfm.training.cli import ScriptArgumentParser, ScriptError, run_script
-from modeling_mfm.training.data import IMAGE_EXTENSIONS
-from modeling_mfm.training.visualization_corruptions import (
+from modeling_mfm.cli import ScriptArgumentParser, ScriptError, run_script
+from modeling_mfm.training.data.sources import IMAGE_EXTENSIONS
+from modeling_mfm.training.evaluation.visualization_corruptions import (
     corruption_examples,
     corruption_figure,
     frequency_masking_examples,

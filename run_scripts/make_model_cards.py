@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from modeling_mfm.cli import ScriptArgumentParser, run_script
 from modeling_mfm.conversion.release import HUB_NAMESPACE, write_release_cards
-from modeling_mfm.training.cli import ScriptArgumentParser, run_script
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "model_cards"
 

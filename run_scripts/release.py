@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modeling_mfm.conversion.hub import check_repo_id, publish_folder
+from modeling_mfm.cli import ScriptArgumentParser, ScriptError, run_script
 from modeling_mfm.conversion.release import OFFICIAL_RELEASES, release_card
-from modeling_mfm.training.cli import ScriptArgumentParser, ScriptError, run_script
+from modeling_mfm.publishing.hub import check_repo_id, publish_folder
 
 
 @dataclass

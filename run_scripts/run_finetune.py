@@ -4,7 +4,7 @@
     accelerate launch run_scripts/run_finetune.py --model_name_or_path <checkpoint> --dataset_name <hub id> \\
         --output_dir <dir> [--recipe vit|resnet] [--push_to_hub --hub_model_id user/name]
 
-Every option: ``--help``; the logic lives in ``modeling_mfm.training.finetune``. Exit codes: 0 done, 2 refused to
+Every option: ``--help``; the logic lives in ``modeling_mfm.training.loops.finetune``. Exit codes: 0 done, 2 refused to
 start, 3 stopped (a failed write).
 """
 
@@ -13,8 +13,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from modeling_mfm.training.cli import ScriptArgumentParser, run_script
-from modeling_mfm.training.finetune import FinetuneArguments, finetune
+from modeling_mfm.cli import ScriptArgumentParser, run_script
+from modeling_mfm.training.loops.finetune import FinetuneArguments, finetune
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -4,8 +4,8 @@
     accelerate launch run_scripts/run_linear_probe.py --model_name_or_path <checkpoint> \\
         --train_dir <folder> --validation_dir <folder> --output_dir <dir>
 
-Every option: ``--help``; the logic lives in ``modeling_mfm.training.linear_probe``. Exit codes: 0 done, 2 refused
-to start, 3 stopped (a failed write).
+Every option: ``--help``; the logic lives in ``modeling_mfm.training.evaluation.linear_probe``. Exit codes: 0 done,
+2 refused to start, 3 stopped (a failed write).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from modeling_mfm.training.cli import ScriptArgumentParser, run_script
-from modeling_mfm.training.linear_probe import LinearProbeArguments, run_linear_probe
+from modeling_mfm.cli import ScriptArgumentParser, run_script
+from modeling_mfm.training.evaluation.linear_probe import LinearProbeArguments, run_linear_probe
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -15,9 +15,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from modeling_mfm.training.arguments import parse_arguments
-from modeling_mfm.training.cli import run_script
-from modeling_mfm.training.pretrain import run_pretraining
+from modeling_mfm.cli import run_script
+from modeling_mfm.training.loops.pretrain import run_pretraining
+from modeling_mfm.training.loops.pretraining_arguments import parse_arguments
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -4,8 +4,8 @@
     accelerate launch run_scripts/run_robustness_eval.py --model_name_or_path <fine-tuned checkpoint> \\
         --imagenet_c_dir <dir> --imagenet_a_dir <dir> --imagenet_r_dir <dir> --imagenet_sketch_dir <dir>
 
-Every option: ``--help``; the logic lives in ``modeling_mfm.training.robustness``. Exit codes: 0 done, 2 refused to
-start.
+Every option: ``--help``; the logic lives in ``modeling_mfm.training.evaluation.robustness``. Exit codes: 0 done,
+2 refused to start.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from modeling_mfm.training.cli import ScriptArgumentParser, run_script
-from modeling_mfm.training.robustness import RobustnessArguments, run_robustness_eval
+from modeling_mfm.cli import ScriptArgumentParser, run_script
+from modeling_mfm.training.evaluation.robustness import RobustnessArguments, run_robustness_eval
 
 
 def main(argv: Sequence[str] | None = None) -> None:

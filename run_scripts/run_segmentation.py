@@ -4,8 +4,8 @@
     accelerate launch run_scripts/run_segmentation.py --model_name_or_path <MFM checkpoint> \\
         --data_dir ADEChallengeData2016 --output_dir <dir>
 
-Every option: ``--help``; the logic lives in ``modeling_mfm.training.segmentation_training`` and
-``modeling_mfm.training.segmentation_model``. Exit codes: 0 done, 2 refused to start, 3 stopped (a failed write).
+Every option: ``--help``; the logic lives in ``modeling_mfm.training.loops.segmentation_training`` and
+``modeling_mfm.training.loops.segmentation_model``. Exit codes: 0 done, 2 refused to start, 3 stopped (a failed write).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from modeling_mfm.training.cli import ScriptArgumentParser, run_script
-from modeling_mfm.training.segmentation_training import SegmentationArguments, train_segmentation
+from modeling_mfm.cli import ScriptArgumentParser, run_script
+from modeling_mfm.training.loops.segmentation_training import SegmentationArguments, train_segmentation
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,5 +1,6 @@
-"""Tiny workspaces for the three resumable scripts (pre-training, fine-tuning, segmentation) and an in-process runner
-of their ``main``: what the reliability tests (untrusted checkpoints, run folders, bad files, disk faults) share."""
+"""Tiny workspaces for the three resumable scripts (pre-training, fine-tuning, segmentation), an in-process runner
+of their ``main`` and a multi-process CPU launcher: what the reliability tests (untrusted checkpoints, run folders,
+bad files, disk faults) and the end-to-end runs share."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import os
 import pickle
 import shutil
 import signal
+import socket
 import struct
 import subprocess
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -24,7 +27,7 @@ from conftest import TINY_BACKBONES, tiny_config
 from PIL import Image
 
 from modeling_mfm import MFMForPreTraining
-from modeling_mfm.training.cli import run_script
+from modeling_mfm.cli import run_script
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PRESET_OVERRIDES = json.dumps({"image_size": 32, "backbone_overrides": {
@@ -162,3 +165,18 @@ def kill_at_checkpoint(command: list[str], checkpoint: Path, **popen_kwargs) -> 
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     assert process.wait(timeout=30) == -signal.SIGKILL
+
+
+# ---------------------------------------------------------------------------------------------------- launching
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_cpu(processes: int) -> list[str]:
+    """``accelerate launch`` of ``processes`` CPU processes. (``--cpu --num_processes N`` starts one process unless
+    run under mpirun; torchrun-style launching is ``--multi_gpu`` with ACCELERATE_USE_CPU=1, set by the caller.)"""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port())]

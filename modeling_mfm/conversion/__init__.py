@@ -1,2 +1,3 @@
-"""Tools around the model: official checkpoint conversion (with an independent parity reference), model cards and
-publishing to the Hub. Imports the model; the model never imports this package."""
+"""Tools around the model: official checkpoint conversion (with an independent parity reference) and the release
+catalogue; their model cards and Hub uploads go through `modeling_mfm.publishing`. Imports the model and publishing;
+the model never imports this package."""

@@ -1,7 +1,7 @@
 """The official MFM releases: their catalogue (checkpoints, published ImageNet-1K results) and their model cards.
 
 A converted release folder is what ``save_pretrained`` writes, the native encoder in ``backbone/`` and the card from
-`release_card`; `hub.publish_folder` publishes it (``run_scripts/release.py``).
+`release_card`; `publishing.hub.publish_folder` publishes it (``run_scripts/release.py``).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..configuration_mfm import MFMConfig
+from ..publishing.model_card import render_model_card
 from .imagenet import imagenet_labels
-from .model_card import render_model_card
 
 __all__ = [
     "HUB_NAMESPACE",

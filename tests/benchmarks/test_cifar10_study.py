@@ -18,10 +18,10 @@ from huggingface_hub import ModelCard
 from transformers import HfArgumentParser
 
 from modeling_mfm import MFMForPreTraining
-from modeling_mfm.training.arguments import parse_arguments, parse_backbone_overrides
-from modeling_mfm.training.finetune import FinetuneArguments
-from modeling_mfm.training.linear_probe import LinearProbeArguments
-from modeling_mfm.training.model_factory import build_config
+from modeling_mfm.training.evaluation.linear_probe import LinearProbeArguments
+from modeling_mfm.training.loops.finetune import FinetuneArguments
+from modeling_mfm.training.loops.pretraining_arguments import parse_arguments, parse_backbone_overrides
+from modeling_mfm.training.models.model_factory import build_config
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -22,11 +22,11 @@ import torch
 from conftest import load_script
 
 from modeling_mfm import MFMForImageClassification, MFMForPreTraining
+from modeling_mfm.cli import ScriptError
 from modeling_mfm.conversion import official_reference as reference
 from modeling_mfm.conversion.checkpoint_loading import UnsafeCheckpointError, load_official_checkpoint
 from modeling_mfm.conversion.convert_original import ParityError, check_parity, convert_checkpoint, write_converted
 from modeling_mfm.conversion.official_architecture import infer_architecture
-from modeling_mfm.training.cli import ScriptError
 
 
 def convert_cli(argv: list[str]) -> int:

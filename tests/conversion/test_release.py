@@ -16,8 +16,8 @@ from huggingface_hub.utils import filter_repo_objects
 
 from modeling_mfm.conversion.checkpoint_loading import load_official_checkpoint
 from modeling_mfm.conversion.convert_original import convert_checkpoint, write_converted
-from modeling_mfm.conversion.hub import LocalHubMirror, plan_upload, publish_folder
 from modeling_mfm.conversion.release import release_card, write_card
+from modeling_mfm.publishing.hub import LocalHubMirror, plan_upload, publish_folder
 
 
 def release_cli(argv: list[str]) -> int:

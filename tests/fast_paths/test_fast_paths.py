@@ -17,9 +17,9 @@ from modeling_mfm import MFMForPreTraining, MFMModel, low_pass_mask
 from modeling_mfm.fast_paths import apply_fast_paths, layer_scale, qkv_projection, remove_fast_paths
 from modeling_mfm.fast_paths.layer_scale import UnitLayerScale
 from modeling_mfm.fast_paths.patch_linear import PatchEmbeddingProjection, PointwiseProjection
-from modeling_mfm.training.arguments import parse_arguments
-from modeling_mfm.training.finetune import FinetuneArguments
-from modeling_mfm.training.model_factory import build_model
+from modeling_mfm.training.loops.finetune import FinetuneArguments
+from modeling_mfm.training.loops.pretraining_arguments import parse_arguments
+from modeling_mfm.training.models.model_factory import build_model
 
 MASK = torch.stack([low_pass_mask(32, 32, 4), 1 - low_pass_mask(32, 32, 4)])
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))

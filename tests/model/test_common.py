@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 
 from modeling_mfm import MFMForImageClassification, MFMForPreTraining, MFMModel, low_pass_mask
 from modeling_mfm.fast_paths import apply_fast_paths
-from modeling_mfm.training.model_factory import enable_activation_checkpointing
+from modeling_mfm.training.models.model_factory import enable_activation_checkpointing
 
 BACKBONES = list(TINY_BACKBONES)
 HEADS = {"encoder": MFMModel, "pretraining": MFMForPreTraining, "classifier": MFMForImageClassification}

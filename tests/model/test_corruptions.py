@@ -553,7 +553,7 @@ def write_photos(folder: Path, count: int = 2) -> list[Path]:
 
 
 def test_corruption_pictures(tmp_path):
-    from modeling_mfm.training.visualization_corruptions import (
+    from modeling_mfm.training.evaluation.visualization_corruptions import (
         corruption_examples,
         corruption_figure,
         load_photos,
@@ -599,7 +599,7 @@ def test_make_corruption_figures_script(tmp_path):
 
 def test_frequency_masking_examples_are_the_low_and_high_pass_halves_of_each_photo():
     from modeling_mfm.frequency import low_pass_mask
-    from modeling_mfm.training.visualization_corruptions import frequency_masking_examples
+    from modeling_mfm.training.evaluation.visualization_corruptions import frequency_masking_examples
 
     photos = torch.rand(2, 3, 32, 32)
     originals, filtered, labels = frequency_masking_examples(photos, radius=4)

@@ -21,10 +21,10 @@ from transformers import (
 )
 
 from modeling_mfm import MFMForImageClassification, MFMForPreTraining, MFMModel, build_image_processor
-from modeling_mfm.training.classification_data import build_eval_transform, eval_transform_from_processor
-from modeling_mfm.training.linear_probe import pool_features
-from modeling_mfm.training.model_loading import load_classifier, load_encoder
-from modeling_mfm.training.transforms import to_rgb
+from modeling_mfm.training.data.classification_data import build_eval_transform, eval_transform_from_processor
+from modeling_mfm.training.data.transforms import to_rgb
+from modeling_mfm.training.evaluation.linear_probe import pool_features
+from modeling_mfm.training.models.model_loading import load_classifier, load_encoder
 
 
 def images(count: int = 2, seed: int = 0) -> torch.Tensor:

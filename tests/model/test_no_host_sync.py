@@ -14,10 +14,10 @@ from conftest import tiny_config
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from modeling_mfm.training.device_decoding import DeviceDecodeTransform, collate_encoded_batches, decode_batch
-from modeling_mfm.training.model_factory import build_model
-from modeling_mfm.training.step_statistics import StepStatistics
-from modeling_mfm.training.transforms import PretrainTransform, normalize_on_device
+from modeling_mfm.training.data.device_decoding import DeviceDecodeTransform, collate_encoded_batches, decode_batch
+from modeling_mfm.training.data.transforms import PretrainTransform, normalize_on_device
+from modeling_mfm.training.models.model_factory import build_model
+from modeling_mfm.training.run.step_statistics import StepStatistics
 
 # aten operators that read device memory on the host, or whose output size depends on tensor values
 SYNCHRONISING = {

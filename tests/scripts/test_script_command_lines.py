@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO, load_script
 
-from modeling_mfm.training.cli import RunStopped, ScriptArgumentParser, ScriptError, run_script
-from modeling_mfm.training.disk_faults import WriteFailedError
-from modeling_mfm.training.run_folder import RunFolderError
+from modeling_mfm.cli import RunStopped, ScriptArgumentParser, ScriptError, run_script
+from modeling_mfm.training.run.disk_faults import WriteFailedError
+from modeling_mfm.training.run.run_folder import RunFolderError
 
 SCRIPT_FOLDERS = ("run_scripts", "benchmarks")
 MAIN_GUARD = 'if __name__ == "__main__":'
