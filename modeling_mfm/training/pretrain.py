@@ -68,8 +68,8 @@ from .pretraining_data import (
     prepare_for_training,
     training_loader,
 )
-from .representation_monitor import RepresentationMonitor, describe_measurement, summarize_measurements
 from .randomness import derive_seed, global_micro_batch_index, seeded_device_rng
+from .representation_monitor import RepresentationMonitor, describe_measurement, summarize_measurements
 from .run_folder import config_settings, describe_settings_changes, hold_output_dir, resume_run, trajectory_settings
 from .schedules import LearningRateSchedule
 from .step_statistics import NonFiniteLossError, StepStatistics

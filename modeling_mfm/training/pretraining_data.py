@@ -21,6 +21,7 @@ from accelerate.data_loader import prepare_data_loader
 from torch.utils.data import DataLoader
 
 from .arguments import PretrainingArguments, is_demo_run
+from .classification_data import load_classification_dataset
 from .data import (
     EpochShuffleSampler,
     HFImageSource,
@@ -31,10 +32,9 @@ from .data import (
     prepare_stream,
     sample_photo_source,
 )
-from .classification_data import load_classification_dataset
 from .device_dataset import DeviceBatches, DeviceImages, load_device_images
-from .holdout import stratified_subset
 from .device_decoding import DeviceDecodeTransform, collate_encoded_batches, decode_batch
+from .holdout import stratified_subset
 from .representation_monitor import MonitorImages
 from .transforms import DEFAULT_CROP_RATIO, PretrainTransform
 
