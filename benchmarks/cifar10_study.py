@@ -503,24 +503,18 @@ def draw_reconstructions(model_folder: Path, folder: Path, train_file: str, vali
     """The pre-trained model's reconstructions of held-out images (alternating low-pass / high-pass rows, with
     spectra) in ``folder/reconstruction.png``, titled with its reconstruction gain per view measured on
     ``gain_images`` held-out images (``folder/gain.json``)."""
-    import torch
-
     from modeling_mfm import MFMForPreTraining
     from modeling_mfm.training.data.classification_data import ClassificationDataArguments
     from modeling_mfm.training.data.device_dataset import load_device_images
-    from modeling_mfm.training.evaluation.representation_monitor import reconstruction_gain
-    from modeling_mfm.training.evaluation.visualization import reconstruction_picture, save_png
+    from modeling_mfm.training.evaluation.representation_monitor import reconstruction_report
+    from modeling_mfm.training.evaluation.visualization import save_png
 
     model = MFMForPreTraining.from_pretrained(model_folder).eval()
     data = ClassificationDataArguments(train_file=train_file, validation_split_size=validation_size,
                                        validation_split_seed=0).load_datasets(0)
     rows = data.validation.select(range(min(gain_images, len(data.validation))))
     images = load_device_images(rows, data.image_column, model.config.image_size, "cpu").images
-    gains = {view: float(gain) for view, gain in reconstruction_gain(model, images).items()}
-    title = (f"held-out images; gain over the corrupted input on {len(images)} of them: low-pass "
-             f"{gains['low_pass']:+.2f} dB, high-pass {gains['high_pass']:+.2f} dB PSNR")
-    with torch.no_grad():
-        picture = reconstruction_picture(model, images[:shown], title=title)
+    gains, picture = reconstruction_report(model, images, shown)
     save_png(picture, folder / "reconstruction.png")
     record = {"images": len(images), "gain_low_pass_db": round(gains["low_pass"], 3),
               "gain_high_pass_db": round(gains["high_pass"], 3)}
@@ -548,7 +542,8 @@ def write_study_card(model_folder: Path, pictures: Path, rows: list[dict[str, An
     lines = ["", "## Results of the CIFAR-10 study", "",
              f"Measured by `benchmarks/cifar10_study.py` on the {split} images (top-1, %), against the random "
              "initialisation of the same model under the same recipes (docs/cifar10_study.md):", "",
-             "| encoder | low-label fine-tuning (final / best epoch) | kNN | linear probe |", "| --- | --- | --- | --- |"]
+             "| encoder | low-label fine-tuning (final / best epoch) | kNN | linear probe |",
+             "| --- | --- | --- | --- |"]
     for name in ("mfm", "scratch"):
         row = by_name[name]
         values = [row.get(prefix + key) for key in ("finetune_final_top1", "finetune_best_top1", "knn_top1",

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ...frequency import filter_frequencies, low_pass_mask
 from .linear_probe import knn_scores
-from .visualization import combine_bands
+from .visualization import combine_bands, reconstruction_picture
 
 __all__ = [
     "MonitorArguments",
@@ -39,6 +39,7 @@ __all__ = [
     "knn_top1",
     "psnr",
     "reconstruction_gain",
+    "reconstruction_report",
     "summarize_measurements",
 ]
 
@@ -156,6 +157,17 @@ def reconstruction_gain(model: Any, images: torch.Tensor, batch_size: int = 256)
             corrupted = filter_frequencies(original, keep)
             totals[view] += (psnr(completed, original) - psnr(corrupted, original)).sum()
     return {view: total / len(images) for view, total in totals.items()}
+
+
+@torch.no_grad()
+def reconstruction_report(model: Any, images: torch.Tensor, shown: int = 8) -> tuple[dict[str, float], Any]:
+    """The reconstruction gain per view on uint8 ``images`` and the picture of the first ``shown`` of them
+    (alternating low-pass / high-pass rows, with spectra), titled with the gain: what the study and
+    ``benchmarks/reconstruction_gain.py`` show of a pre-trained model."""
+    gains = {view: float(gain) for view, gain in reconstruction_gain(model, images).items()}
+    title = (f"gain over the corrupted input on {len(images)} images: low-pass {gains['low_pass']:+.2f} dB, "
+             f"high-pass {gains['high_pass']:+.2f} dB PSNR")
+    return gains, reconstruction_picture(model, images[:shown], title=title)
 
 
 # ---------------------------------------------------------------------------------------------------- the monitor

@@ -177,3 +177,25 @@ def test_run_pretrain_monitors_the_held_out_slice_and_writes_the_card(tmp_path):
     )
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert refused.stderr.strip().splitlines()[-1].startswith("run_pretrain.py: error: --monitor_steps measures on")
+
+
+def test_the_gain_script_measures_a_saved_model_on_a_folder(tmp_path):
+    from conftest import load_script, noise_jpegs
+
+    from modeling_mfm.training.data.sources import load_image_dataset
+    from modeling_mfm.training.data.device_dataset import load_device_images
+
+    torch.manual_seed(0)
+    MFMForPreTraining(tiny_config("beit")).save_pretrained(tmp_path / "model")
+    folder = noise_jpegs(tmp_path / "images", 5, (40, 36), seed=0)
+    script = load_script("benchmarks/reconstruction_gain.py")
+    assert script.main(["--model_name_or_path", str(tmp_path / "model"), "--image_dir", str(folder),
+                        "--output_dir", str(tmp_path / "out"), "--shown", "2"]) == 0
+    record = json.loads((tmp_path / "out" / "gain.json").read_text())
+    rows, column, _ = load_image_dataset(train_dir=str(folder))
+    images = load_device_images(rows, column, 32, "cpu").images
+    expected = reconstruction_gain(MFMForPreTraining.from_pretrained(tmp_path / "model").eval(), images)
+    assert record["images"] == 5
+    assert record["gain_low_pass_db"] == pytest.approx(float(expected["low_pass"]), abs=1e-3)
+    assert record["gain_high_pass_db"] == pytest.approx(float(expected["high_pass"]), abs=1e-3)
+    assert (tmp_path / "out" / "reconstruction.png").stat().st_size > 0
