@@ -38,11 +38,18 @@ from pathlib import Path
 from typing import Any
 
 from modeling_mfm.cli import RunStopped, ScriptArgumentParser, ScriptError, run_script
+from modeling_mfm.configuration_mfm import CORRUPTIONS, official_mask_radius
+from modeling_mfm.publishing.folder_layout import (
+    CHECKPOINTS_FOLDER,
+    LOGS_FOLDER,
+    MODEL_CARD_FILE,
+    RECONSTRUCTION_PICTURE,
+    RESULTS_FILE,
+)
 
 REPO = Path(__file__).resolve().parents[1]
-PRETEXTS = ("mfm", "sr", "deblur", "denoise")
+PRETEXTS = CORRUPTIONS  # every pretext of the package
 PRETEXT_NAMES = {"mfm": "MFM", "sr": "SR", "deblur": "Deblur", "denoise": "Denoise", "scratch": "none (random init)"}
-OFFICIAL_RADIUS_RATIO = 16 / 224  # official mask radius / image size
 MIN_STAGE_SECONDS = 30  # with --max_minutes, no stage after the first starts with less time left
 SMOKE_CLASSES, SMOKE_PER_CLASS = 10, 16
 STUDY_HUB_ID = "modeling-mfm/mfm-vit-4x96-cifar10"  # the CPU plan's encoder, for release.py
@@ -56,7 +63,7 @@ class Plan:
 
     backbone: dict[str, Any] = field(default_factory=lambda: {"patch_size": 4})  # of the mfm-vit-tiny preset
     image_size: int = 32
-    mask_radius: float = OFFICIAL_RADIUS_RATIO * 32  # 2.29 px
+    mask_radius: float = official_mask_radius(32)  # 2.29 px
     validation_size: int = 5000
     # pre-training (official recipe but for the lr, scaled for a small model and data set)
     pretrain_epochs: float = 120
@@ -229,7 +236,7 @@ class Study:
         for needed in self.requirements(name):
             if not (self.root / needed / "stage.json").is_file():
                 raise StudyError(f"stage {name} needs stage {needed} first")
-        resumed = (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir())
+        resumed = (folder / CHECKPOINTS_FOLDER).is_dir() and any((folder / CHECKPOINTS_FOLDER).iterdir())
         start = time.perf_counter()
         kind, _, which = name.partition("-")
         commands: list[list[str]] = []
@@ -311,7 +318,7 @@ class Study:
         if kind == "pretrain":
             return {"pretraining": training_speed(folder)}
         if kind == "finetune":
-            results = json.loads((folder / "all_results.json").read_text(encoding="utf-8"))
+            results = json.loads((folder / RESULTS_FILE).read_text(encoding="utf-8"))
             final = results["history"][-1] if results["history"] else {}
             test = results.get("test", {})
             return {"finetuning": {"final_top1": final.get("top1"), "best_top1": results.get("best_top1"),
@@ -328,7 +335,7 @@ class Study:
         if name == "pictures":
             return {"pictures": json.loads((folder / "gain.json").read_text(encoding="utf-8"))}
         if name == "card":
-            return {"card": str(self.encoder("mfm") / "README.md")}
+            return {"card": str(self.encoder("mfm") / MODEL_CARD_FILE)}
         if name == "throughput":
             return {"throughput": {path: training_speed(folder / path) for path in ("device", "pil")}}
         return {}
@@ -469,9 +476,9 @@ def render_command(command: list[str]) -> str:
 def training_speed(folder: Path) -> dict[str, Any]:
     """Median img/s over the logged windows after the first (start-up) one, and the peak memory, of a pre-training
     run (its ``logs/metrics.jsonl``)."""
-    from modeling_mfm.training.run.trackers import read_metrics
+    from modeling_mfm.training.run.trackers import METRICS_FILE, read_metrics
 
-    logged = read_metrics(folder / "logs" / "metrics.jsonl")
+    logged = read_metrics(folder / LOGS_FOLDER / METRICS_FILE)
     records = [r for r in logged if "img_per_s" in r]
     if not records:
         return {}
@@ -515,7 +522,7 @@ def draw_reconstructions(model_folder: Path, folder: Path, train_file: str, vali
     rows = data.validation.select(range(min(gain_images, len(data.validation))))
     images = load_device_images(rows, data.image_column, model.config.image_size, "cpu").images
     gains, picture = reconstruction_report(model, images, shown)
-    save_png(picture, folder / "reconstruction.png")
+    save_png(picture, folder / RECONSTRUCTION_PICTURE)
     record = {"images": len(images), "gain_low_pass_db": round(gains["low_pass"], 3),
               "gain_high_pass_db": round(gains["high_pass"], 3)}
     (folder / "gain.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -532,7 +539,7 @@ def write_study_card(model_folder: Path, pictures: Path, rows: list[dict[str, An
     measured = (("finetune_final_top1", "top-1 after low-label fine-tuning (final epoch)"),
                 ("knn_top1", "kNN top-1 of frozen features (k 20)"),
                 ("linear_top1", "linear-probe top-1 of frozen features"))
-    card = ModelCard.load(model_folder / "README.md")
+    card = ModelCard.load(model_folder / MODEL_CARD_FILE)
     card.data.model_name = STUDY_HUB_ID
     card.data.eval_results = [
         EvalResult(task_type="image-classification", metric_type="accuracy", metric_name=label,
@@ -550,7 +557,7 @@ def write_study_card(model_folder: Path, pictures: Path, rows: list[dict[str, An
                                                     "linear_top1")]
         cells = ["-" if v is None else f"{v:.1f}" for v in values]
         lines.append(f"| {PRETEXT_NAMES[name]} | {cells[0]} / {cells[1]} | {cells[2]} | {cells[3]} |")
-    shutil.copyfile(pictures / "reconstruction.png", model_folder / HELD_OUT_PICTURE)
+    shutil.copyfile(pictures / RECONSTRUCTION_PICTURE, model_folder / HELD_OUT_PICTURE)
     gain = json.loads((pictures / "gain.json").read_text(encoding="utf-8"))
     lines += ["", f"Reconstructions of held-out images (gain over the corrupted input on {gain['images']} of them: "
               f"low-pass {gain['gain_low_pass_db']:+.2f} dB, high-pass {gain['gain_high_pass_db']:+.2f} dB PSNR):",
@@ -560,7 +567,7 @@ def write_study_card(model_folder: Path, pictures: Path, rows: list[dict[str, An
     if marker in body:  # a rerun replaces the section
         body = body[: body.index(marker)]
     card.content = f"---\n{card.data.to_yaml()}\n---\n{body.rstrip()}\n" + "\n".join(lines)
-    card.save(model_folder / "README.md")
+    card.save(model_folder / MODEL_CARD_FILE)
 
 
 def make_smoke_dataset(path: Path, seed: int = 0, per_class: int = SMOKE_PER_CLASS, sample_seed: int | None = None

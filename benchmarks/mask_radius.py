@@ -24,10 +24,16 @@ import torch
 from PIL import Image
 
 from modeling_mfm.cli import ScriptArgumentParser, run_script
+from modeling_mfm.configuration_mfm import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    OFFICIAL_IMAGE_SIZE,
+    OFFICIAL_MASK_RADIUS,
+    official_mask_radius,
+)
 from modeling_mfm.frequency import filter_frequencies, low_pass_mask
 
-IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+CIFAR_RADIUS = official_mask_radius(32)
 
 
 @dataclass
@@ -38,7 +44,7 @@ class MaskRadiusArguments:
     )
     count: int = field(default=2000, metadata={"help": "CIFAR images to measure."})
     radii: list[float] = field(
-        default_factory=lambda: [16 * 32 / 224, 2 * 16 * 32 / 224, 4.0, 4 * 16 * 32 / 224],
+        default_factory=lambda: [CIFAR_RADIUS, 2 * CIFAR_RADIUS, 4.0, 4 * CIFAR_RADIUS],
         metadata={"help": "Radii to measure at 32 px (default: the official ratio 16 / 224, x2, 4 and x4)."},
     )
 
@@ -47,7 +53,8 @@ def radius_statistics(images: torch.Tensor, radius: float, patch: int) -> dict[s
     """``images``: float (N, 3, S, S) in [0, 1]."""
     size = images.shape[-1]
     keep = low_pass_mask(size, size, radius)
-    normalised = (images - IMAGENET_MEAN) / IMAGENET_STD
+    mean, std = (torch.tensor(values).view(1, 3, 1, 1) for values in (IMAGENET_MEAN, IMAGENET_STD))
+    normalised = (images - mean) / std
     power = torch.fft.fftshift(torch.fft.fft2(normalised, norm="ortho"), dim=(-2, -1)).abs() ** 2
     low_energy = float((power * keep).sum() / power.sum())
 
@@ -75,7 +82,7 @@ def cifar_images(pattern: str, count: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
 
 
-def imagenet_images(folder: str, size: int = 224) -> torch.Tensor:
+def imagenet_images(folder: str, size: int = OFFICIAL_IMAGE_SIZE) -> torch.Tensor:
     arrays = []
     for path in sorted(glob.glob(f"{folder}/*.JPEG")):
         with Image.open(path) as opened:
@@ -92,7 +99,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     (args,) = parser.parse_args_into_dataclasses(argv)
     rows = []
     if args.imagenet_dir:
-        rows.append({"data": "ImageNet samples", **radius_statistics(imagenet_images(args.imagenet_dir), 16, 16)})
+        official = radius_statistics(imagenet_images(args.imagenet_dir), OFFICIAL_MASK_RADIUS, 16)
+        rows.append({"data": "ImageNet samples", **official})
     cifar = cifar_images(args.cifar_file, args.count)
     for radius in args.radii:
         for patch in (4, 2):

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from modeling_mfm.cli import ScriptArgumentParser, run_script
+from modeling_mfm.configuration_mfm import official_mask_radius
+from modeling_mfm.publishing.folder_layout import LOGS_FOLDER
 
 VARIANTS = ("fp32", "bf16", "bf16_residual")
 
@@ -53,7 +55,7 @@ def run_variant(variant: str, args: ConvergenceArguments) -> None:
 
     argv = [
         "--model", "mfm-vit-tiny", "--image_size", str(args.image_size),
-        "--mask_radius", str(16 * args.image_size / 224),
+        "--mask_radius", str(official_mask_radius(args.image_size)),
         "--backbone_overrides", json.dumps({"num_hidden_layers": args.layers, "patch_size": args.patch_size}),
         "--train_dir", args.train_dir, "--output_dir", os.path.join(args.output_dir, variant),
         "--per_device_train_batch_size", str(args.per_device_train_batch_size),
@@ -72,9 +74,16 @@ def run_variant(variant: str, args: ConvergenceArguments) -> None:
     pretrain.run_pretraining(run_arguments, overrides)
 
 
+def metrics_file(folder: str) -> str:
+    """Where a run in ``folder`` logs its metrics."""
+    from modeling_mfm.training.run.trackers import METRICS_FILE
+
+    return os.path.join(folder, LOGS_FOLDER, METRICS_FILE)
+
+
 def read_log(folder: str) -> tuple[dict[int, float], float]:
     """The run's loss by logged step, and its median img/s."""
-    with open(os.path.join(folder, "logs", "metrics.jsonl"), encoding="utf-8") as f:
+    with open(metrics_file(folder), encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
     records = [r for r in records if "loss" in r]
     return {r["step"]: r["loss"] for r in records}, statistics.median(r["img_per_s"] for r in records)
@@ -89,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         run_variant(args.single, args)
         return
     for variant in args.variants:
-        if os.path.exists(os.path.join(args.output_dir, variant, "logs", "metrics.jsonl")):
+        if os.path.exists(metrics_file(os.path.join(args.output_dir, variant))):
             print(f"{variant}: already run, reading its log", flush=True)
             continue
         command = [sys.executable, os.path.abspath(__file__), *argv, "--single", variant]

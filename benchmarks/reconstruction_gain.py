@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from modeling_mfm.cli import ScriptArgumentParser, ScriptError, run_script
+from modeling_mfm.publishing.folder_layout import RECONSTRUCTION_PICTURE
 
 
 @dataclass
@@ -49,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     images = load_device_images(rows, column, model.config.image_size, "cpu").images
     gains, picture = reconstruction_report(model, images, args.shown)
     output = Path(args.output_dir)
-    save_png(picture, output / "reconstruction.png")
+    save_png(picture, output / RECONSTRUCTION_PICTURE)
     record = {"model": args.model_name_or_path, "images": len(images),
               **{f"gain_{view}_db": round(value, 3) for view, value in gains.items()}}
     (output / "gain.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")

@@ -10,7 +10,7 @@ nothing changes in it until a variant has earned its place; join parts with "+" 
 - ``conv_patches``: the patch embedding and the decoder head as cuDNN convolutions, as before they became GEMMs.
 - ``complex_fft``: the corruption and the loss with complex FFTs of the whole spectrum, as before the package used
   the real-input FFTs (half the spectrum; the other half of ``|F|²`` by symmetry).
-- ``bf16_residual``: the package's ``keep_residual_stream_in_bf16`` (``--bf16_residual_stream``): the embeddings'
+- ``bf16_residual``: the package's fast path ``bf16_residual_stream`` (``--bf16_residual_stream``): the embeddings'
   output is cast to bf16 once, so that the residual adds run in bf16 and LayerNorm reads bf16.
 - ``separate_qkv``: BEiT's three (768 x 768) projections for queries, keys and values, as transformers computes
   them, instead of the package's one (768 x 2304) GEMM (modeling_mfm/fast_paths/qkv_projection.py).
@@ -44,7 +44,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from modeling_mfm import FrequencyLoss, MFMConfig, MFMForPreTraining
 from modeling_mfm.cli import ScriptArgumentParser, run_script
-from modeling_mfm.fast_paths import apply_fast_paths, keep_residual_stream_in_bf16
+from modeling_mfm.fast_paths import apply_fast_paths
 from modeling_mfm.training.optim.optimizer import build_optimizer
 from modeling_mfm.training.run.monitoring import peak_reserved_bytes
 
@@ -100,23 +100,27 @@ def complex_ffts(model: MFMForPreTraining) -> None:
 
 
 PATCHES = {
-    "bf16_residual": keep_residual_stream_in_bf16,
+    "bf16_residual": lambda model: None,  # a fast path: FAST_PATH_SWITCHES
     "separate_qkv": lambda model: None,
     "conv_patches": convolution_patches,
     "complex_fft": complex_ffts,
 }
-# the fast paths (modeling_mfm.fast_paths) a variant leaves off
-FAST_PATHS_OFF = {"separate_qkv": {"fused_qkv": False}, "conv_patches": {"patch_gemm": False, "decoder_gemm": False}}
+# the fast paths (modeling_mfm.fast_paths) a variant switches off, or on
+FAST_PATH_SWITCHES = {
+    "separate_qkv": {"fused_qkv": False},
+    "conv_patches": {"patch_gemm": False, "decoder_gemm": False},
+    "bf16_residual": {"bf16_residual_stream": True},
+}
 
 
 def parse_variant(name: str) -> tuple[list, SDPBackend | None, str | None, dict]:
-    """"bf16_residual+separate_qkv+flash" -> (model patches, forced attention kernel, compile mode, fast paths
-    left off)."""
+    """"bf16_residual+separate_qkv+flash" -> (model patches, forced attention kernel, compile mode, fast-path
+    switches)."""
     patches, kernel, mode, off = [], None, None, {}
     for part in name.split("+"):
         if part in PATCHES:
             patches.append(PATCHES[part])
-            off.update(FAST_PATHS_OFF.get(part, {}))
+            off.update(FAST_PATH_SWITCHES.get(part, {}))
         elif part in ATTENTION_KERNELS:
             kernel = ATTENTION_KERNELS[part]
         elif part in COMPILE_MODES:
@@ -208,10 +212,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     initial = MFMForPreTraining(config).state_dict()
     pixel_values = torch.randn(args.per_device_train_batch_size, 3, args.image_size, args.image_size, device=device)
 
-    def fresh_model(fast_paths_off: dict | None = None) -> MFMForPreTraining:
+    def fresh_model(switches: dict | None = None) -> MFMForPreTraining:
         model = MFMForPreTraining(config)
         model.load_state_dict(initial)
-        apply_fast_paths(model, **(fast_paths_off or {}))
+        apply_fast_paths(model, **(switches or {}))
         return model.to(device).train()
 
     model = fresh_model()

@@ -12,7 +12,7 @@ from transformers import (
     AutoModelForPreTraining,
 )
 
-from .configuration_mfm import PRESETS, MFMConfig
+from .configuration_mfm import PRESETS, MFMConfig, official_mask_radius
 from .frequency import (
     FrequencyLoss,
     filter_frequencies,
@@ -60,5 +60,6 @@ __all__ = [
     "high_pass_mask",
     "low_pass_mask",
     "masked_frequency_loss",
+    "official_mask_radius",
     "sample_frequency_masks",
 ]

@@ -47,8 +47,20 @@ MAX_IMAGE_SIZE = 16384
 # old config.json is read, then dropped.
 RETIRED_FIELDS = ("label_smoothing",)
 
+# The official setting: radius 16 at 224 px. Other sizes keep its ratio (`official_mask_radius`).
+OFFICIAL_IMAGE_SIZE = 224
+OFFICIAL_MASK_RADIUS = 16
 
-def beit_backbone(hidden_size: int, layers: int, heads: int, image_size: int = 224, patch_size: int = 16, **kw) -> dict:
+
+def official_mask_radius(image_size: int) -> float:
+    """The mask radius with the official radius-to-size ratio (16 at 224 px) at ``image_size``: the low-pass view
+    keeps the same share of the spectrum at any size."""
+    return OFFICIAL_MASK_RADIUS * image_size / OFFICIAL_IMAGE_SIZE
+
+
+def beit_backbone(
+    hidden_size: int, layers: int, heads: int, image_size: int = OFFICIAL_IMAGE_SIZE, patch_size: int = 16, **kw
+) -> dict:
     """BEiT settings that reproduce the official MFM ViT: q/v biases, no k bias, absolute position
     embeddings with a CLS token, LayerNorm eps 1e-6, no layer scale, no relative position bias."""
     return {
@@ -120,6 +132,21 @@ RELEASED_PRETEXT_SETTINGS: dict[str, dict[str, Any]] = {
 for _base in ("mfm-vit-small", "mfm-vit-base", "mfm-resnet50"):
     for _pretext, _settings in RELEASED_PRETEXT_SETTINGS.items():
         PRESETS[f"{_base}-{_pretext}"] = {**PRESETS[_base], "corruption": _pretext, **_settings}
+
+
+def merge_overrides(
+    kwargs: dict[str, Any], overrides: dict[str, Any], backbone_overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """MFMConfig keyword arguments (``backbone_config`` as a dict) with fields and backbone fields overridden: the one
+    override rule of presets, config files and saved configs. ``image_size`` reaches a ViT backbone too, whose
+    position embeddings are tied to it."""
+    merged = {**kwargs, **overrides}
+    backbone = dict(merged["backbone_config"])
+    backbone.update(backbone_overrides or {})
+    if "image_size" in overrides and backbone.get("model_type") in VIT_FAMILY:
+        backbone["image_size"] = overrides["image_size"]
+    merged["backbone_config"] = backbone
+    return merged
 
 
 # ---------------------------------------------------------------------------------------------------- field checks
@@ -282,7 +309,7 @@ class MFMConfig(PreTrainedConfig):
         image_mean: list[float] | None = None,
         image_std: list[float] | None = None,
         corruption: str = "mfm",
-        mask_radius: float = 16,
+        mask_radius: float = OFFICIAL_MASK_RADIUS,
         mask_outer_radius: float | None = None,
         low_pass_probability: float = 0.5,
         loss_on: str | None = None,
@@ -373,8 +400,8 @@ class MFMConfig(PreTrainedConfig):
         self.initializer_range = initializer_range
         super().__init__(**kwargs)
         if self.image_size is None:
-            backbone_size = getattr(self.backbone_config, "image_size", 224) if self.is_vit else 224
-            self.image_size = backbone_size if _is_int(backbone_size) else 224
+            backbone_size = getattr(self.backbone_config, "image_size", None) if self.is_vit else None
+            self.image_size = backbone_size if _is_int(backbone_size) else OFFICIAL_IMAGE_SIZE
         self._validate()
 
     def __eq__(self, other: object) -> bool:
@@ -542,15 +569,8 @@ class MFMConfig(PreTrainedConfig):
         """
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
-        kwargs = copy.deepcopy(PRESETS[name])
         backbone_overrides = overrides.pop("backbone_overrides", {}) or {}
-        kwargs.update(overrides)
-        backbone = dict(kwargs["backbone_config"])
-        backbone.update(backbone_overrides)
-        if "image_size" in overrides and backbone["model_type"] in VIT_FAMILY:
-            backbone["image_size"] = overrides["image_size"]
-        kwargs["backbone_config"] = backbone
-        return cls(**kwargs)
+        return cls(**merge_overrides(copy.deepcopy(PRESETS[name]), overrides, backbone_overrides))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> MFMConfig:
@@ -578,4 +598,13 @@ def _backbone_config(backbone: dict | PreTrainedConfig | None) -> PreTrainedConf
     return AutoConfig.for_model(model_type, **kwargs)
 
 
-__all__ = ["MAX_IMAGE_SIZE", "MAX_PARAMETERS", "PRESETS", "MFMConfig"]
+__all__ = [
+    "MAX_IMAGE_SIZE",
+    "MAX_PARAMETERS",
+    "OFFICIAL_IMAGE_SIZE",
+    "OFFICIAL_MASK_RADIUS",
+    "PRESETS",
+    "MFMConfig",
+    "merge_overrides",
+    "official_mask_radius",
+]

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..configuration_mfm import MFMConfig, beit_backbone, resnet_backbone
+from ..configuration_mfm import OFFICIAL_IMAGE_SIZE, MFMConfig, beit_backbone, resnet_backbone
 from ..modeling_mfm import MFMForImageClassification, MFMForPreTraining, MFMPreTrainedModel
 from . import official_reference as reference
 from .checkpoint_loading import OfficialCheckpoint, load_official_checkpoint
@@ -151,7 +151,7 @@ def build_config(
         )
     else:
         stored_size = checkpoint.config_value("DATA.IMG_SIZE") or (checkpoint.args or {}).get("img_size")
-        image_size = int(overrides.get("image_size") or stored_size or 224)
+        image_size = int(overrides.get("image_size") or stored_size or OFFICIAL_IMAGE_SIZE)
         backbone = resnet_backbone(
             list(enc.depths),
             hidden_sizes=list(enc.widths),

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..configuration_mfm import MFMConfig
+from ..publishing.folder_layout import MODEL_CARD_FILE
 from ..publishing.model_card import render_model_card
 from .imagenet import imagenet_labels
 
@@ -213,7 +214,7 @@ def generic_card(repo_id: str, config: MFMConfig, task: str) -> str:
 
 def write_card(folder: str | os.PathLike, card: str) -> Path:
     """Writes ``card`` as the folder's README.md (the Hub's model card)."""
-    path = Path(folder) / "README.md"
+    path = Path(folder) / MODEL_CARD_FILE
     path.write_text(card, encoding="utf-8")
     return path
 

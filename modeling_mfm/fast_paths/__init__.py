@@ -19,7 +19,8 @@ What they switch (see docs/performance.md for measurements):
 * ``decoder_gemm``: the decoder's 1x1 convolution before PixelShuffle as one GEMM on channel-last features.
 * ``fused_qkv``: queries, keys and values from one GEMM, on CUDA (`qkv_projection`).
 * ``unit_layer_scale``: BEiT's switched-off layer scale (a multiply by 1.0) skipped (`layer_scale`).
-* ``bf16_residual_stream`` (off by default, changes numerics): the ViT residual stream in bf16 under bf16 autocast.
+* ``bf16_residual_stream`` (off by default, changes numerics): the ViT residual stream in bf16 under bf16 autocast
+  (`residual_stream`; ViT encoders only: another model is refused before anything is switched).
 
 Layers that carry a forward hook, an adapter (PEFT's LoRA) or a subclass keep their own forward. When a
 transformers release lacks an internal a path needs, that path is left off with one warning and the model keeps
@@ -40,9 +41,9 @@ from .layer_scale import skip_unit_layer_scales
 from .patch_linear import use_gemm_decoder_projection, use_gemm_patch_embeddings
 from .qkv_projection import fuse_qkv_projections
 from .registry import MissingInternal, vit_encoders
-from .residual_stream import keep_residual_stream_in_bf16
+from .residual_stream import check_vit_encoder, keep_residual_stream_in_bf16
 
-__all__ = ["FAST_PATHS", "FastPaths", "apply_fast_paths", "keep_residual_stream_in_bf16", "remove_fast_paths"]
+__all__ = ["FAST_PATHS", "FastPaths", "apply_fast_paths", "remove_fast_paths"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ def apply_fast_paths(
     if model in _APPLIED:
         logger.info("fast paths already applied to %s", type(model).__name__)
         return _APPLIED[model]
+    if bf16_residual_stream:
+        check_vit_encoder(model)
     has_vit = any(True for _ in vit_encoders(model))
     steps: dict[str, Callable[[nn.Module], tuple[int, Callable[[], None]]]] = {}
     if mask_free_sdpa and has_vit:
@@ -103,6 +106,8 @@ def apply_fast_paths(
         steps["fused_qkv"] = fuse_qkv_projections
     if unit_layer_scale:
         steps["unit_layer_scale"] = skip_unit_layer_scales
+    if bf16_residual_stream:
+        steps["bf16_residual_stream"] = keep_residual_stream_in_bf16
     handle = FastPaths(type(model).__name__, _model=weakref.ref(model))
     for name, step in steps.items():
         try:
@@ -112,10 +117,6 @@ def apply_fast_paths(
             continue
         handle.switched[name] = count
         handle._undo.append(undo)
-    if bf16_residual_stream:
-        hook = keep_residual_stream_in_bf16(model)
-        handle.switched["bf16_residual_stream"] = 1
-        handle._undo.append(hook.remove)
     if handle.unavailable:
         import transformers
 

@@ -1,2 +1,3 @@
-"""Publishing to the Hub: the one publisher (`hub`) that training runs, the converter and releases share, and the
-model-card template (`model_card`). Imports the model; the model never imports this package."""
+"""Publishing to the Hub: the one publisher (`hub`) that training runs, the converter and releases share, the
+model-card template (`model_card`) and the names inside an output folder (`folder_layout`). Imports the model; the
+model never imports this package."""

@@ -20,6 +20,8 @@ from huggingface_hub import HfApi
 from huggingface_hub.repocard import metadata_load
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
+from .folder_layout import CHECKPOINTS_FOLDER, LOGS_FOLDER, MODEL_CARD_FILE, PICTURES_FOLDER
+
 __all__ = [
     "PUBLISH_IGNORE_PATTERNS",
     "HubClient",
@@ -31,9 +33,9 @@ __all__ = [
 
 # Training by-products and caches: they stay local. (fnmatch patterns: "*" also matches "/".)
 PUBLISH_IGNORE_PATTERNS = [
-    "checkpoints/*",  # resumable training states
-    "logs/*",  # TensorBoard events, metrics.jsonl
-    "reconstructions/*",  # per-step pictures
+    f"{CHECKPOINTS_FOLDER}/*",  # resumable training states
+    f"{LOGS_FOLDER}/*",  # TensorBoard events, metrics.jsonl
+    f"{PICTURES_FOLDER}/*",  # per-step pictures
     ".tmp-*",
     ".old-*",
     "*.lock",
@@ -89,8 +91,8 @@ class LocalHubMirror:
         if not target.is_dir():
             raise ValueError(f"repository {repo_id!r} does not exist in {self.root}; call create_repo first")
         files = _selected_files(Path(folder_path), allow_patterns, ignore_patterns)
-        if "README.md" in files:
-            metadata_load(files["README.md"])  # the Hub refuses a README whose YAML header does not parse
+        if MODEL_CARD_FILE in files:
+            metadata_load(files[MODEL_CARD_FILE])  # the Hub refuses a README whose YAML header does not parse
         for relative, source in files.items():
             destination = target / relative
             destination.parent.mkdir(parents=True, exist_ok=True)
@@ -184,19 +186,19 @@ def publish_folder(
     folder = Path(folder).expanduser().resolve()
     planned = plan_upload(folder)
     _check_publishable(folder, planned)
-    readme = folder / "README.md"
+    readme = folder / MODEL_CARD_FILE
     if card is None and not readme.is_file():
         card = _default_card(folder, repo_id)
     if dry_run:
         sizes = dict(planned)
         if card is not None:
-            sizes["README.md"] = len(card.encode("utf-8"))
+            sizes[MODEL_CARD_FILE] = len(card.encode("utf-8"))
         total = sum(sizes.values())
         target = f"{local_dir}/{repo_id}" if local_dir else repo_id
         print(f"dry run: would create {target} (model repo{', private' if private else ''}) if missing and upload "
               f"{len(sizes)} files ({total / 1e6:.1f} MB) from {folder}:")
         for path, size in sorted(sizes.items()):
-            print(f"  {path}  ({size} bytes)" + ("  [generated card]" if path == "README.md" and card else ""))
+            print(f"  {path}  ({size} bytes)" + ("  [generated card]" if path == MODEL_CARD_FILE and card else ""))
         return None
     if card is not None:
         readme.write_text(card, encoding="utf-8")

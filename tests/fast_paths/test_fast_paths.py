@@ -63,6 +63,21 @@ def test_apply_logs_what_it_switched_keeps_the_config_and_remove_restores_the_st
     torch.testing.assert_close(loss(model), stock_loss, atol=0, rtol=0)
 
 
+def test_the_bf16_residual_stream_is_a_fast_path_the_handle_undoes_and_a_cnn_is_refused_first():
+    model = MFMForPreTraining(tiny_config("beit")).eval()
+    embeddings = model.mfm.backbone.embeddings
+    fast = apply_fast_paths(model, bf16_residual_stream=True)
+    assert fast.switched["bf16_residual_stream"] == 1 and len(embeddings._forward_hooks) == 1
+    assert "bf16_residual_stream x1" in fast.summary()
+    fast.remove()
+    assert not embeddings._forward_hooks and not remove_fast_paths(model)
+    resnet = MFMForPreTraining(tiny_config("resnet")).eval()
+    stock_types = module_types(resnet)
+    with pytest.raises(ValueError, match="for ViT encoders"):
+        apply_fast_paths(resnet, bf16_residual_stream=True)
+    assert module_types(resnet) == stock_types and not remove_fast_paths(resnet)  # nothing was switched
+
+
 def test_building_a_model_swaps_no_class_and_registers_nothing():
     config = tiny_config("beit", **DECODER)
     model = MFMForPreTraining(config)

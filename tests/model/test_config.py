@@ -7,7 +7,8 @@ import math
 import pytest
 from transformers import AutoConfig, BeitConfig, ConvNextConfig, ResNetConfig
 
-from modeling_mfm import MFMConfig
+from modeling_mfm import MFMConfig, official_mask_radius
+from modeling_mfm.configuration_mfm import OFFICIAL_IMAGE_SIZE, OFFICIAL_MASK_RADIUS, merge_overrides
 
 
 def test_defaults_are_the_official_vit_base_mfm_config():
@@ -75,6 +76,23 @@ def test_preset_overrides_reach_the_backbone():
     assert config.backbone_config.patch_size == 8 and config.mask_radius == 8
     with pytest.raises(ValueError, match="unknown preset 'mfm-vit-huge'"):
         MFMConfig.from_preset("mfm-vit-huge")
+
+
+def test_one_override_rule_for_presets_and_saved_configs():
+    saved = MFMConfig.from_preset("mfm-vit-tiny").to_dict()
+    merged = merge_overrides(saved, {"image_size": 64, "mask_radius": 5.0}, {"patch_size": 8})
+    assert merged["backbone_config"]["image_size"] == 64 and merged["backbone_config"]["patch_size"] == 8
+    assert saved["backbone_config"]["image_size"] == 224  # the caller's dict is left alone
+    resnet = merge_overrides({"backbone_config": {"model_type": "resnet", "depths": [1]}}, {"image_size": 64})
+    assert resnet["image_size"] == 64 and "image_size" not in resnet["backbone_config"]  # a CNN has no tied size
+
+
+def test_the_official_mask_radius_keeps_the_ratio_16_at_224():
+    assert official_mask_radius(OFFICIAL_IMAGE_SIZE) == OFFICIAL_MASK_RADIUS == MFMConfig().mask_radius == 16
+    assert OFFICIAL_IMAGE_SIZE == MFMConfig().image_size == 224
+    assert official_mask_radius(64) == 16 * 64 / 224 and official_mask_radius(32) == pytest.approx(2.2857, abs=1e-4)
+    # the same share of the spectrum at any size: the radius scales with the side
+    assert official_mask_radius(448) == 2 * OFFICIAL_MASK_RADIUS
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,15 @@ import json
 
 import pytest
 
-from modeling_mfm.publishing.hub import publish_folder
+from modeling_mfm.publishing.folder_layout import (
+    CHECKPOINTS_FOLDER,
+    LOGS_FOLDER,
+    MODEL_CARD_FILE,
+    PICTURES_FOLDER,
+    RECONSTRUCTION_PICTURE,
+    RESULTS_FILE,
+)
+from modeling_mfm.publishing.hub import PUBLISH_IGNORE_PATTERNS, publish_folder
 
 
 def make_output_folder(root):
@@ -34,6 +42,15 @@ def test_push_publishes_the_model_not_the_training_byproducts(tmp_path):
     (tmp_path / "out" / "config.json").write_text('{"v": 2}')
     publish_folder(tmp_path / "out", "someone/mfm-test", local_dir=tmp_path / "hub")
     assert json.loads((tmp_path / "hub" / "someone" / "mfm-test" / "config.json").read_text()) == {"v": 2}
+
+
+def test_the_folder_names_are_the_documented_ones_and_the_by_products_stay_local():
+    """Docs, model cards and users' commands (``--resume_from_checkpoint out/checkpoints/checkpoint-200``) spell these
+    names; the tests of the loops check the folders by them."""
+    assert (MODEL_CARD_FILE, RESULTS_FILE, RECONSTRUCTION_PICTURE) == ("README.md", "all_results.json",
+                                                                      "reconstruction.png")
+    assert (CHECKPOINTS_FOLDER, LOGS_FOLDER, PICTURES_FOLDER) == ("checkpoints", "logs", "reconstructions")
+    assert {f"{name}/*" for name in (CHECKPOINTS_FOLDER, LOGS_FOLDER, PICTURES_FOLDER)} <= set(PUBLISH_IGNORE_PATTERNS)
 
 
 def test_push_refuses_bad_metadata_and_ids(tmp_path):

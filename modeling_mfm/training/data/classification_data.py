@@ -48,11 +48,12 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
+from ...modeling_mfm import DEFAULT_CROP_PCT
 from ..run.randomness import derive_seed
 from .data_files import absolute_image_paths, load_data_files
 from .holdout import held_out_size, split_off_validation, stratified_subset
 from .image_folders import folder_dataset, list_image_folder
-from .sources import find_image_column, find_label_column, open_image
+from .sources import MAX_CONSECUTIVE_FAILURES, find_image_column, find_label_column, open_image
 from .transforms import to_rgb
 
 logger = logging.getLogger(__name__)
@@ -167,7 +168,6 @@ class ClassificationDataArguments:
 
 DEFAULT_AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"
 VALIDATION_SPLIT_NAMES = ("validation", "val", "valid", "test")
-MAX_CONSECUTIVE_FAILURES = 64
 
 
 # ---------------------------------------------------------------------------------------------------- transforms
@@ -244,7 +244,7 @@ def build_train_transform(
 
 
 def build_eval_transform(
-    image_size: int, mean: Sequence[float], std: Sequence[float], crop_pct: float = 0.875
+    image_size: int, mean: Sequence[float], std: Sequence[float], crop_pct: float = DEFAULT_CROP_PCT
 ) -> Callable[[Any], torch.Tensor]:
     """The evaluation transform of an RGB PIL image: resize the shorter side to ``floor(size / crop_pct)`` (bicubic,
     antialiased), centre-crop ``size``, scale to [0, 1], normalise. It runs on the uint8 tensor, as the image
@@ -314,10 +314,6 @@ class ClassificationData:
     @property
     def id2label(self) -> dict[int, str]:
         return dict(enumerate(self.labels))
-
-    @property
-    def label2id(self) -> dict[str, int]:
-        return {name: i for i, name in enumerate(self.labels)}
 
 
 def _list_folder(name: str, path: str) -> Any:

@@ -79,10 +79,6 @@ class DeviceImages:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
-    @property
-    def nbytes(self) -> int:
-        return self.images.numel() + (self.labels.numel() * 8 if self.labels is not None else 0)
-
 
 class _DecodedRows(Dataset):
     """Row ``i`` -> ``(uint8 (3, S, S), label, readable)``; an unreadable image gives zeros and ``readable=False``."""

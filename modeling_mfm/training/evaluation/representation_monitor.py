@@ -26,9 +26,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ...frequency import filter_frequencies, low_pass_mask
+from ...frequency import filter_frequencies
 from .linear_probe import knn_scores
-from .visualization import combine_bands, reconstruction_picture
+from .visualization import combine_bands, reconstruction_picture, view_masks
 
 __all__ = [
     "MonitorArguments",
@@ -42,8 +42,6 @@ __all__ = [
     "reconstruction_report",
     "summarize_measurements",
 ]
-
-VIEWS = ("low_pass", "high_pass")
 
 
 @dataclass(kw_only=True)
@@ -132,20 +130,13 @@ def psnr(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return 10.0 * torch.log10(1.0 / mse.clamp_min(1e-10))
 
 
-def view_masks(model: Any, height: int, width: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """The model's two keep-masks (H, W) from its own radii: low-pass and its complement."""
-    config = model.config
-    low = low_pass_mask(height, width, config.mask_radius, config.mask_outer_radius, device=device)
-    return {"low_pass": low, "high_pass": 1 - low}
-
-
 @torch.no_grad()
 def reconstruction_gain(model: Any, images: torch.Tensor, batch_size: int = 256) -> dict[str, torch.Tensor]:
     """Mean PSNR gain (dB, 0-d tensors) of each view's kept band completed with the predicted band over its
     corrupted input, on uint8 images (see the module docstring)."""
     height, width = images.shape[-2:]
     masks = view_masks(model, height, width, images.device)
-    totals = {view: torch.zeros((), device=images.device) for view in VIEWS}
+    totals = {view: torch.zeros((), device=images.device) for view in masks}
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         original = chunk.float() / 255.0

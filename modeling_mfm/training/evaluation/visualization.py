@@ -27,6 +27,7 @@ __all__ = [
     "predict_fixed_batch",
     "reconstruction_grid",
     "save_png",
+    "view_masks",
 ]
 
 
@@ -119,19 +120,28 @@ def save_png(picture: np.ndarray, path: str | os.PathLike) -> None:
     os.replace(temporary, path)
 
 
+def view_masks(model: Any, height: int, width: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """The model's two keep-masks (H, W) from its own radii: ``low_pass`` and its complement ``high_pass``, the fixed
+    views of the pictures and of the representation monitor's reconstruction gain."""
+    config = model.config
+    low = low_pass_mask(height, width, config.mask_radius, config.mask_outer_radius, device=device)
+    return {"low_pass": low, "high_pass": 1 - low}
+
+
 @torch.no_grad()
 def predict_fixed_batch(model: Any, images_uint8: torch.Tensor, seed: int = 0) -> dict[str, Any]:
     """Runs ``model`` (an `MFMForPreTraining`, unwrapped) on a fixed batch, reproducibly: for frequency masking the
-    images alternate low-pass / high-pass masks; restoration degradations are drawn under a fixed seed. Returns the
-    original, corrupted and reconstructed images in [0, 1] on the CPU, the mask and row labels."""
+    images alternate low-pass / high-pass masks (`view_masks`); restoration degradations are drawn under a fixed
+    seed. The images are normalised and restored with the model's own mean and std. Returns the original, corrupted
+    and reconstructed images in [0, 1] on the CPU, the mask and row labels."""
     config = model.config
     device = next(model.parameters()).device
-    pixel_values = normalize_on_device(images_uint8.to(device), config.image_mean, config.image_std)
+    pixel_values = normalize_on_device(images_uint8.to(device), model.image_mean, model.image_std)
     batch, _, height, width = pixel_values.shape
     frequency_mask = None
     labels = [config.corruption] * batch
     if config.corruption == "mfm":
-        keep = low_pass_mask(height, width, config.mask_radius, config.mask_outer_radius, device=device)
+        keep = view_masks(model, height, width, device)["low_pass"]
         low_pass = torch.arange(batch, device=device) % 2 == 0
         frequency_mask = sample_frequency_masks(batch, low_pass, keep)
         labels = ["low-pass" if flag else "high-pass" for flag in low_pass.tolist()]
@@ -142,11 +152,9 @@ def predict_fixed_batch(model: Any, images_uint8: torch.Tensor, seed: int = 0) -
             output = model(pixel_values, frequency_mask=frequency_mask, return_dict=True)
     finally:
         model.train(was_training)
-    mean = torch.tensor(config.image_mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(config.image_std, device=device).view(1, -1, 1, 1)
 
     def unnormalize(x: torch.Tensor) -> torch.Tensor:
-        return (x.float() * std + mean).clamp(0, 1).cpu()
+        return model.unnormalize(x.float()).clamp(0, 1).cpu()
 
     return {
         "original": unnormalize(pixel_values),

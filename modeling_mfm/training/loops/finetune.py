@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from ...fast_paths import apply_fast_paths
 from ...modeling_mfm import build_image_processor
+from ...publishing.folder_layout import CHECKPOINTS_FOLDER, LOGS_FOLDER, MODEL_CARD_FILE, RESULTS_FILE
 from ...publishing.hub import check_repo_id, publish_folder
 from ...publishing.model_card import render_model_card
 from ..data.classification_data import (
@@ -69,7 +70,7 @@ from ..run.run_folder import (
     trajectory_settings,
 )
 from ..run.step_statistics import RunningSums
-from ..run.trackers import LOGS_FOLDER, build_trackers, check_report_to, start_trackers
+from ..run.trackers import build_trackers, check_report_to, start_trackers
 
 logger = get_logger(__name__)  # logs on the main process only
 
@@ -442,13 +443,13 @@ def finetune(args: FinetuneArguments) -> dict[str, Any]:
             if state.skipped_images or data.unlisted:
                 logger.warning("skipped %d unreadable training images; %d folder entries could not be listed",
                                state.skipped_images, len(data.unlisted))
-            write_json(output_dir / "all_results.json", results, sort_keys=True)
+            write_json(output_dir / RESULTS_FILE, results, sort_keys=True)
             if results["completed"] and state.best:
                 details = _training_details(args, config, state, data, schedule, num_epochs, total_batch, precision)
                 with write_faults(output_dir, "the model card"):
-                    (output_dir / "README.md").write_text(_model_card(args, config, state.best, details,
-                                                                      results.get("test")),
-                                                          encoding="utf-8")
+                    (output_dir / MODEL_CARD_FILE).write_text(_model_card(args, config, state.best, details,
+                                                                          results.get("test")),
+                                                              encoding="utf-8")
                 if args.push_to_hub:
                     url = publish_folder(
                         output_dir, args.hub_model_id, private=args.hub_private_repo, token=args.hub_token,
@@ -534,7 +535,7 @@ def _training_loss(model: Any, batch: dict[str, Any], mixer: MixupCutmix | None,
 
 def _checkpoint(accelerator: Accelerator, args: FinetuneArguments, state: TrainerState, sums: RunningSums) -> None:
     state.skipped_images += sums.skipped_images(accelerator)
-    save_checkpoint(accelerator, Path(args.output_dir) / "checkpoints", state.step, asdict(state),
+    save_checkpoint(accelerator, Path(args.output_dir) / CHECKPOINTS_FOLDER, state.step, asdict(state),
                     keep=args.checkpoints_total_limit)
 
 

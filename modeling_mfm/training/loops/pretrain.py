@@ -35,6 +35,14 @@ from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectCo
 from tqdm.auto import tqdm
 
 from ...cli import ScriptError
+from ...configuration_mfm import OFFICIAL_IMAGE_SIZE, OFFICIAL_MASK_RADIUS, official_mask_radius
+from ...publishing.folder_layout import (
+    CHECKPOINTS_FOLDER,
+    LOGS_FOLDER,
+    MODEL_CARD_FILE,
+    PICTURES_FOLDER,
+    RECONSTRUCTION_PICTURE,
+)
 from ...publishing.hub import check_repo_id, publish_folder
 from ...publishing.model_card import render_model_card
 from ..data.pretraining_data import (
@@ -57,7 +65,6 @@ from ..models.model_factory import (
     build_model,
     cudnn_autotuning,
     enable_activation_checkpointing,
-    keep_residual_stream_in_bf16,
     preferred_memory_format,
 )
 from ..optim.optimizer import build_optimizer, scale_learning_rate
@@ -74,7 +81,7 @@ from ..run.run_folder import (
     trajectory_settings,
 )
 from ..run.step_statistics import NonFiniteLossError, StepStatistics
-from ..run.trackers import LOGS_FOLDER, METRICS_FILE, build_trackers, check_report_to, read_metrics, start_trackers
+from ..run.trackers import METRICS_FILE, build_trackers, check_report_to, read_metrics, start_trackers
 from .pretraining_arguments import (
     DEMO_MODEL_OVERRIDES,
     OFFICIAL_DEFAULTS,
@@ -94,9 +101,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS_FOLDER = "checkpoints"
-PICTURES_FOLDER = "reconstructions"
-FINAL_PICTURE = "reconstruction.png"
 OFFICIAL_EPOCHS, OFFICIAL_WARMUP_EPOCHS = OFFICIAL_DEFAULTS["num_train_epochs"], OFFICIAL_DEFAULTS["warmup_epochs"]
 MODEL_SEED_TAG = 1  # randomness domains: 0 = data (see sources.py), 1 = the model's corruption draws
 
@@ -171,11 +175,10 @@ def run_pretraining(args: PretrainingArguments, config_overrides: dict[str, Any]
             plan = _plan(args, data, accelerator)
             monitor = _monitor(args, config, accelerator)
         set_seed(args.seed)  # the same initialisation on every process
-        model = build_model(config, args.model_name_or_path, fast_paths=args.fast_paths)
+        model = build_model(config, args.model_name_or_path, fast_paths=args.fast_paths,
+                            bf16_residual_stream=args.bf16_residual_stream)
         if args.gradient_checkpointing:
             enable_activation_checkpointing(model)
-        if args.bf16_residual_stream:
-            keep_residual_stream_in_bf16(model)
         model.to(accelerator.device, memory_format=preferred_memory_format(config, accelerator.device))
         optimizer = build_optimizer(model, plan.schedule.peak_lr, weight_decay=args.weight_decay,
                                     betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
@@ -275,10 +278,10 @@ def run_pretraining(args: PretrainingArguments, config_overrides: dict[str, Any]
             card = render_model_card(
                 args.hub_model_id or f"local/{os.path.basename(os.path.normpath(args.output_dir))}",
                 unwrapped.config, task="pretraining", datasets=[args.dataset_name] if args.dataset_name else None,
-                training_details=details, images=[FINAL_PICTURE] if picture else None,
+                training_details=details, images=[RECONSTRUCTION_PICTURE] if picture else None,
             )
             with write_faults(args.output_dir, "the model card"):
-                Path(args.output_dir, "README.md").write_text(card, encoding="utf-8")
+                Path(args.output_dir, MODEL_CARD_FILE).write_text(card, encoding="utf-8")
             if args.push_to_hub:
                 pushed = publish_folder(
                     args.output_dir, args.hub_model_id, private=args.hub_private_repo, token=args.hub_token,
@@ -360,9 +363,11 @@ def _model_config(args: PretrainingArguments, overrides: dict[str, Any], acceler
         overrides = {**{k: v for k, v in DEMO_MODEL_OVERRIDES.items() if k != "backbone_overrides"}, **overrides}
         backbone_overrides = {**DEMO_MODEL_OVERRIDES["backbone_overrides"], **backbone_overrides}
     config = build_config(args.model, args.config_file, args.model_name_or_path, overrides, backbone_overrides)
-    if config.image_size != 224 and "mask_radius" not in overrides and config.mask_radius == 16:
-        logger.warning("mask_radius 16 is tuned for 224x224 inputs; at %d px the same ratio is --mask_radius %.1f",
-                       config.image_size, 16 * config.image_size / 224)
+    if (config.image_size != OFFICIAL_IMAGE_SIZE and "mask_radius" not in overrides
+            and config.mask_radius == OFFICIAL_MASK_RADIUS):
+        logger.warning("mask_radius %d is tuned for %dx%d inputs; at %d px the same ratio is --mask_radius %.1f",
+                       OFFICIAL_MASK_RADIUS, OFFICIAL_IMAGE_SIZE, OFFICIAL_IMAGE_SIZE, config.image_size,
+                       official_mask_radius(config.image_size))
     if args.bf16_residual_stream and not config.is_vit:
         raise ValueError(
             f"--bf16_residual_stream is for ViT encoders (beit, vit), not {config.backbone_config.model_type}"
@@ -494,7 +499,7 @@ def _save_picture(accelerator: Accelerator, model: Any, images: torch.Tensor | N
                                      title=f"step {step} - loss on this batch {{loss:.4f}}")
     if not accelerator.is_main_process:
         return None
-    path = os.path.join(args.output_dir, FINAL_PICTURE)
+    path = os.path.join(args.output_dir, RECONSTRUCTION_PICTURE)
     with write_faults(args.output_dir, "the reconstruction pictures"):
         save_png(picture, os.path.join(args.output_dir, PICTURES_FOLDER, f"step-{step:07d}.png"))
         save_png(picture, path)

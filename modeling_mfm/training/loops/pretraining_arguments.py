@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ...cli import ScriptArgumentParser
-from ...configuration_mfm import MFMConfig
+from ...configuration_mfm import MFMConfig, official_mask_radius
 from ..evaluation.representation_monitor import MonitorArguments
 from ..models.model_factory import config_fields
 from ..run.run_folder import RunFolderArguments
@@ -67,7 +67,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
 }
 DEMO_MODEL_OVERRIDES: dict[str, Any] = {
     "image_size": 64,
-    "mask_radius": 16 * 64 / 224,
+    "mask_radius": official_mask_radius(64),
     "backbone_overrides": {"num_hidden_layers": 6, "patch_size": 8},
 }
 

@@ -41,6 +41,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 from tqdm.auto import tqdm
 
+from ...publishing.folder_layout import CHECKPOINTS_FOLDER, LOGS_FOLDER, RESULTS_FILE
 from ...publishing.hub import check_repo_id, publish_folder
 from ...publishing.model_card import render_segmentation_card
 from ..data.image_folders import list_image_folder, local_path
@@ -53,7 +54,7 @@ from ..run.checkpointing import TrainerState, save_checkpoint
 from ..run.disk_faults import write_faults, write_json
 from ..run.run_folder import RunFolderArguments, config_settings, hold_output_dir, resume_run, trajectory_settings
 from ..run.step_statistics import RunningSums
-from ..run.trackers import LOGS_FOLDER, build_trackers, check_report_to, start_trackers
+from ..run.trackers import build_trackers, check_report_to, start_trackers
 from .segmentation_model import segmentation_image_processor, upernet_from_mfm
 
 logger = get_logger(__name__)
@@ -406,7 +407,7 @@ def train_segmentation(args: SegmentationArguments) -> dict[str, Any]:
                     model.train()
                 if state.step % args.checkpointing_steps == 0 or state.step == args.max_train_steps:
                     state.skipped_images += sums.skipped_images(accelerator)
-                    save_checkpoint(accelerator, output_dir / "checkpoints", state.step, asdict(state),
+                    save_checkpoint(accelerator, output_dir / CHECKPOINTS_FOLDER, state.step, asdict(state),
                                     keep=args.checkpoints_total_limit)
                 if state.step >= args.max_train_steps:
                     break
@@ -422,7 +423,7 @@ def train_segmentation(args: SegmentationArguments) -> dict[str, Any]:
         if accelerator.is_main_process:
             if state.skipped_images:
                 logger.warning("skipped %d unreadable training pairs", state.skipped_images)
-            write_json(output_dir / "all_results.json", results)
+            write_json(output_dir / RESULTS_FILE, results)
             if args.push_to_hub and state.best:
                 card = render_segmentation_card(
                     args.hub_model_id, accelerator.unwrap_model(model).config, Path(args.data_dir).resolve().name,

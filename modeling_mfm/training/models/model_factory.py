@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from ...configuration_mfm import VIT_FAMILY, MFMConfig
-from ...fast_paths import apply_fast_paths, keep_residual_stream_in_bf16
+from ...configuration_mfm import MFMConfig, merge_overrides
+from ...fast_paths import apply_fast_paths
 from ...modeling_mfm import MFMForPreTraining
 
 __all__ = [
@@ -23,7 +23,6 @@ __all__ = [
     "config_fields",
     "cudnn_autotuning",
     "enable_activation_checkpointing",
-    "keep_residual_stream_in_bf16",
     "override_config",
     "preferred_memory_format",
 ]
@@ -46,20 +45,15 @@ def config_fields() -> dict[str, Any]:
 def override_config(
     config: MFMConfig, overrides: dict[str, Any], backbone_overrides: dict[str, Any] | None = None
 ) -> MFMConfig:
-    """A new, validated MFMConfig with ``overrides`` applied (``image_size`` reaches the ViT backbone too)."""
+    """A new, validated MFMConfig with ``overrides`` applied by the presets' rule (`merge_overrides`: ``image_size``
+    reaches the ViT backbone too)."""
     unknown = sorted(set(overrides) - set(config_fields()))
     if unknown:
         raise ValueError(f"unknown MFMConfig fields {unknown}")
     values = config.to_dict()
     for key in ("model_type", "transformers_version", "auto_map", "architectures"):
         values.pop(key, None)
-    backbone = dict(values["backbone_config"])
-    backbone.update(backbone_overrides or {})
-    values.update(overrides)
-    if "image_size" in overrides and backbone.get("model_type") in VIT_FAMILY:
-        backbone["image_size"] = overrides["image_size"]
-    values["backbone_config"] = backbone
-    return MFMConfig(**values)
+    return MFMConfig(**merge_overrides(values, overrides, backbone_overrides))
 
 
 def build_config(
@@ -69,7 +63,9 @@ def build_config(
     overrides: dict[str, Any] | None = None,
     backbone_overrides: dict[str, Any] | None = None,
 ) -> MFMConfig:
-    """The configuration from exactly one of a preset name, an MFMConfig JSON file or a saved model."""
+    """The configuration from exactly one of a preset name, an MFMConfig JSON file or a saved model, with MFMConfig
+    fields (and backbone fields) overridden: the one builder of pre-training and of presets for fine-tuning
+    (`model_loading.build_mfm_config`)."""
     overrides = dict(overrides or {})
     sources = [name for name, value in (("model", model), ("config_file", config_file),
                                         ("model_name_or_path", model_name_or_path)) if value]
@@ -90,16 +86,22 @@ def build_config(
 
 
 def build_model(
-    config: MFMConfig, model_name_or_path: str | None = None, fast_paths: bool = True
+    config: MFMConfig,
+    model_name_or_path: str | None = None,
+    fast_paths: bool = True,
+    bf16_residual_stream: bool = False,
 ) -> MFMForPreTraining:
     """Random initialisation from ``config``, or the weights of ``model_name_or_path`` under ``config``; with
-    ``fast_paths`` (the scripts' default) the speed-ups of `modeling_mfm.fast_paths` are applied."""
+    ``fast_paths`` (the scripts' default) the speed-ups of `modeling_mfm.fast_paths` are applied, and with
+    ``bf16_residual_stream`` (``--bf16_residual_stream``, ViTs) the opt-in one too, so that one handle
+    (`modeling_mfm.fast_paths.remove_fast_paths`) undoes them all."""
     if model_name_or_path:
         model = MFMForPreTraining.from_pretrained(model_name_or_path, config=config)
     else:
         model = MFMForPreTraining(config)
-    if fast_paths:
-        apply_fast_paths(model)
+    if fast_paths or bf16_residual_stream:
+        apply_fast_paths(model, mask_free_sdpa=fast_paths, patch_gemm=fast_paths, decoder_gemm=fast_paths,
+                         fused_qkv=fast_paths, unit_layer_scale=fast_paths, bf16_residual_stream=bf16_residual_stream)
     return model
 
 

@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
 from ...configuration_mfm import PRESETS, SUPPORTED_BACKBONES, MFMConfig
 from ...modeling_mfm import MFMForImageClassification, MFMModel
+from .model_factory import build_config
 
 logger = logging.getLogger(__name__)
 
@@ -62,13 +63,17 @@ def build_mfm_config(
     revision: str | None = None,
     token: str | bool | None = None,
 ) -> tuple[MFMConfig, str]:
-    """The `MFMConfig` of a source and its kind: ``"mfm"``, ``"native"`` or ``"preset"``."""
+    """The `MFMConfig` of a source and its kind: ``"mfm"``, ``"native"`` or ``"preset"``. A preset and its
+    overrides go through pre-training's builder (`model_factory.build_config`); checkpoints and native encoders are
+    read here, with the Hub options, and keep their architecture."""
     if (model_name_or_path is None) == (preset is None):
         raise ValueError("give exactly one of model_name_or_path (a checkpoint) and preset (random initialisation)")
     if preset is not None:
-        if preset not in PRESETS:
+        if preset not in PRESETS:  # "" too, which build_config would take for no source
             raise ValueError(f"unknown preset {preset!r}; available: {', '.join(sorted(PRESETS))}")
-        return MFMConfig.from_preset(preset, **(config_overrides or {})), "preset"
+        overrides = dict(config_overrides or {})
+        backbone_overrides = overrides.pop("backbone_overrides", None)
+        return build_config(model=preset, overrides=overrides, backbone_overrides=backbone_overrides), "preset"
     if config_overrides:
         raise ValueError("config_overrides apply to presets only; a checkpoint keeps its architecture")
     hub = _hub_kwargs(cache_dir, revision, token)

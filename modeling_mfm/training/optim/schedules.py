@@ -74,8 +74,3 @@ class LearningRateSchedule:
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
-
-    def describe(self) -> str:
-        """One line for logs and model cards."""
-        return (f"linear warmup {self.warmup_steps} steps from {self.warmup_lr:.3g} to {self.peak_lr:.3g}, then "
-                f"{self.decay} to {self.min_lr:.3g} at step {self.total_steps}")

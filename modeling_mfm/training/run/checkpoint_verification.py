@@ -33,12 +33,12 @@ from accelerate.utils.other import TORCH_SAFE_GLOBALS
 from safetensors import safe_open
 
 from ...cli import ScriptError
+from .checkpointing import TRAINER_STATE_NAME
 
 __all__ = ["RNG_STATE_PREFIX", "CheckpointVerificationError", "verify_checkpoint"]
 
 RNG_STATE_PREFIX = "random_states_"
 TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
-TRAINER_STATE_NAME = "trainer_state.json"  # also in checkpointing (which imports this module)
 
 
 class CheckpointVerificationError(ScriptError):

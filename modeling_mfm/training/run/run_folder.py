@@ -33,6 +33,7 @@ from typing import Any, Self
 import torch
 
 from ...cli import ScriptError
+from ...publishing.folder_layout import CHECKPOINTS_FOLDER, LOGS_FOLDER
 from .checkpoint_verification import verify_checkpoint
 from .checkpointing import (
     TrainerState,
@@ -194,8 +195,8 @@ def find_resume_checkpoint(
     output_dir: str | os.PathLike,
     accelerator: Any,
     overwrite_output_dir: bool = False,
-    checkpoints_folder: str = "checkpoints",
-    logs_folder: str = "logs",
+    checkpoints_folder: str = CHECKPOINTS_FOLDER,
+    logs_folder: str = LOGS_FOLDER,
 ) -> tuple[Path | None, dict[str, Any] | None]:
     """Applies the resume rule (module docstring) and returns ``(checkpoint, its trainer state)`` or
     ``(None, None)`` for a fresh start; the checkpoint's files have all been checked. Call on every process."""

@@ -16,10 +16,10 @@ from typing import Any
 from accelerate.tracking import GeneralTracker, on_main_process
 from accelerate.utils import is_tensorboard_available, is_wandb_available
 
+from ...publishing.folder_layout import LOGS_FOLDER
 from .disk_faults import write_faults
 
 __all__ = [
-    "LOGS_FOLDER",
     "METRICS_FILE",
     "REPORT_TO",
     "JSONLinesTracker",
@@ -29,7 +29,6 @@ __all__ = [
     "start_trackers",
 ]
 
-LOGS_FOLDER = "logs"
 METRICS_FILE = "metrics.jsonl"
 REPORT_TO = ("tensorboard", "wandb", "all", "none")
 _AVAILABLE = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}

@@ -13,6 +13,7 @@ from modeling_mfm.training.evaluation.visualization import (
     predict_fixed_batch,
     reconstruction_grid,
     save_png,
+    view_masks,
 )
 from modeling_mfm.training.run.randomness import derive_seed, global_micro_batch_index, seeded_device_rng
 
@@ -81,6 +82,17 @@ def test_predict_fixed_batch_is_reproducible_and_side_effect_free(tiny_config_fa
     assert torch.equal(mask[0], low_pass_mask(32, 32, 4)) and torch.equal(mask[1], 1 - low_pass_mask(32, 32, 4))
     assert torch.allclose(first["original"], images.float() / 255, atol=1e-5)
     assert 0.0 <= first["corrupted"].min() and first["corrupted"].max() <= 1.0
+    views = view_masks(model, 32, 32, torch.device("cpu"))  # the monitor's views: the same masks
+    assert torch.equal(mask[0], views["low_pass"]) and torch.equal(mask[1], views["high_pass"])
+
+
+def test_predict_fixed_batch_normalises_with_the_models_own_mean_and_std(tiny_config_factory):
+    model = MFMForPreTraining(tiny_config_factory("beit", image_mean=[0.2, 0.5, 0.8], image_std=[0.1, 0.3, 0.6]))
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    prediction = predict_fixed_batch(model, images)
+    assert torch.allclose(prediction["original"], images.float() / 255, atol=1e-6)
+    corrupted, _ = model.corrupt(model.normalize(images.float() / 255), prediction["frequency_mask"])
+    assert torch.allclose(prediction["corrupted"], model.unnormalize(corrupted).clamp(0, 1), atol=1e-6)
 
 
 def test_global_micro_batch_index_maps_processes_onto_accumulation():

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from modeling_mfm import MFMConfig, MFMForPreTraining
+from modeling_mfm.fast_paths import apply_fast_paths, remove_fast_paths
 from modeling_mfm.training.loops.pretraining_arguments import (
     DEMO_DEFAULTS,
     OFFICIAL_DEFAULTS,
@@ -22,7 +23,6 @@ from modeling_mfm.training.models.model_factory import (
     build_config,
     build_model,
     cudnn_autotuning,
-    keep_residual_stream_in_bf16,
     override_config,
     preferred_memory_format,
 )
@@ -127,7 +127,7 @@ def test_cnns_train_channels_last_on_cuda_and_resnets_on_cpus_too(tiny_config_fa
 
 def test_bf16_residual_stream_runs_the_vit_blocks_in_bf16_under_bf16_autocast_only(tiny_config_factory):
     torch.manual_seed(0)
-    model = build_model(tiny_config_factory("beit"), None).train()
+    model = build_model(tiny_config_factory("beit"), None, fast_paths=False).train()
     images, mask = torch.randn(4, 3, 32, 32), (torch.rand(4, 32, 32) < 0.5).float()
 
     def forward(autocast: bool):
@@ -136,15 +136,28 @@ def test_bf16_residual_stream_runs_the_vit_blocks_in_bf16_under_bf16_autocast_on
 
     reference, plain_autocast = forward(False), forward(True)
     assert {h.dtype for h in plain_autocast.hidden_states} == {torch.float32}  # autocast keeps a float32 stream
-    handle = keep_residual_stream_in_bf16(model)
+    handle = apply_fast_paths(model, mask_free_sdpa=False, patch_gemm=False, decoder_gemm=False, fused_qkv=False,
+                              unit_layer_scale=False, bf16_residual_stream=True)
+    assert handle.switched == {"bf16_residual_stream": 1}
     fast = forward(True)
     assert {h.dtype for h in fast.hidden_states} == {torch.bfloat16}
     assert abs(fast.loss.item() - reference.loss.item()) < 2e-2 * reference.loss.item()
     torch.testing.assert_close(forward(False).loss, reference.loss, rtol=0, atol=0)  # no autocast: untouched
-    handle.remove()
+    handle.remove()  # the fast paths' handle undoes it
     assert {h.dtype for h in forward(True).hidden_states} == {torch.float32}
+    # pre-training's flag reaches the model through build_model, with the other fast paths and the same handle
+    built = build_model(tiny_config_factory("beit"), None, bf16_residual_stream=True)
+    assert {h.dtype for h in built(images, frequency_mask=mask, output_hidden_states=True).hidden_states} == {
+        torch.float32}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert {h.dtype for h in built(images, frequency_mask=mask, output_hidden_states=True).hidden_states} == {
+            torch.bfloat16}
+    assert remove_fast_paths(built)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert {h.dtype for h in built(images, frequency_mask=mask, output_hidden_states=True).hidden_states} == {
+            torch.float32}
     with pytest.raises(ValueError, match="for ViT encoders"):
-        keep_residual_stream_in_bf16(build_model(tiny_config_factory("resnet"), None))
+        build_model(tiny_config_factory("resnet"), None, bf16_residual_stream=True)
 
 
 def test_compile_mode_reaches_accelerate_and_bad_modes_are_refused(capsys):
