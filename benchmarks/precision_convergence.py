@@ -52,7 +52,7 @@ def run_variant(variant: str, args: ConvergenceArguments) -> None:
     from modeling_mfm.training.loops.pretraining_arguments import parse_arguments
 
     argv = [
-        "--model", "mfm-vit-tiny", "--image_size", str(args.image_size),
+        "--preset", "mfm-vit-tiny", "--image_size", str(args.image_size),
         "--mask_radius", str(16 * args.image_size / 224),
         "--backbone_overrides", json.dumps({"num_hidden_layers": args.layers, "patch_size": args.patch_size}),
         "--train_dir", args.train_dir, "--output_dir", os.path.join(args.output_dir, variant),
@@ -73,11 +73,12 @@ def run_variant(variant: str, args: ConvergenceArguments) -> None:
 
 
 def read_log(folder: str) -> tuple[dict[int, float], float]:
-    """The run's loss by logged step, and its median img/s."""
-    with open(os.path.join(folder, "logs", "metrics.jsonl"), encoding="utf-8") as f:
-        records = [json.loads(line) for line in f]
-    records = [r for r in records if "loss" in r]
-    return {r["step"]: r["loss"] for r in records}, statistics.median(r["img_per_s"] for r in records)
+    """The run's loss by logged step, and its median img/s (a log of an older version read under today's names)."""
+    from modeling_mfm.training.run.trackers import read_metrics
+
+    records = read_metrics(os.path.join(folder, "logs", "metrics.jsonl"), upgrade=True)
+    records = [r for r in records if "train/loss" in r]
+    return {r["step"]: r["train/loss"] for r in records}, statistics.median(r["train/img_per_s"] for r in records)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
