@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Throughput, FLOPs, MFU and peak memory of MFM pre-training: the training step and, separately, the input pipeline.
 
-    python benchmarks/benchmark.py --models mfm-vit-tiny mfm-vit-base --per_device_train_batch_size 8 --plain_baseline
-    python benchmarks/benchmark.py --models mfm-vit-base --per_device_train_batch_size 64 128 256 512 \
+    python benchmarks/benchmark.py --presets mfm-vit-tiny mfm-vit-base --per_device_train_batch_size 8 --plain_baseline
+    python benchmarks/benchmark.py --presets mfm-vit-base --per_device_train_batch_size 64 128 256 512 \
         --mixed_precision bf16
-    python benchmarks/benchmark.py --models mfm-vit-base mfm-resnet50 --per_device_train_batch_size 128 \
+    python benchmarks/benchmark.py --presets mfm-vit-base mfm-resnet50 --per_device_train_batch_size 128 \
         --mixed_precision bf16 --torch_compile --peak_tflops 989 --check_fast_path
     python benchmarks/benchmark.py --skip_step --data_dir path/to/jpegs --dataloader_num_workers 0 1 2 --pipeline_stages
     python benchmarks/benchmark.py --skip_step --data_dir path/to/jpegs --decode_on_device both
@@ -39,8 +39,8 @@ from modeling_mfm.training.models.model_factory import cudnn_autotuning
 @dataclass
 class BenchmarkArguments:
     # ---- the training step, on synthetic images
-    models: list[str] = field(default_factory=lambda: ["mfm-vit-tiny", "mfm-vit-base"],
-                              metadata={"help": "Preset names."})
+    presets: list[str] = field(default_factory=lambda: ["mfm-vit-tiny", "mfm-vit-base"],
+                               metadata={"help": "Preset names."})
     image_size: int = field(default=224, metadata={"help": "Side of the square images, in pixels."})
     per_device_train_batch_size: list[int] = field(
         default_factory=lambda: [8],
@@ -54,7 +54,7 @@ class BenchmarkArguments:
     compile_scope: Literal["model", "backbone"] = field(
         default="model", metadata={"help": "With --torch_compile: compile the whole model or only its encoder."}
     )
-    compile_mode: str = field(
+    torch_compile_mode: str = field(
         default="default",
         metadata={"help": "With --torch_compile: torch.compile's mode (reduce-overhead replays CUDA graphs).",
                   "choices": COMPILE_MODES},
@@ -139,13 +139,13 @@ def benchmark_batch_size(args: BenchmarkArguments, name: str, config: MFMConfig,
     profile_path = None
     if args.profile_dir:
         os.makedirs(args.profile_dir, exist_ok=True)
-        variant = f"compiled-{args.compile_scope}-{args.compile_mode}" if args.torch_compile else "eager"
+        variant = f"compiled-{args.compile_scope}-{args.torch_compile_mode}" if args.torch_compile else "eager"
         profile_path = os.path.join(args.profile_dir, f"{name}-b{batch_size}-{args.mixed_precision}-{variant}.txt")
     try:
         result = benchmark_training_step(
             config, batch_size, args.steps, args.warmup_steps, args.mixed_precision, args.torch_compile,
             args.gradient_checkpointing, args.cpu, args.peak_tflops, compile_scope=args.compile_scope,
-            profile_path=profile_path, plain_baseline=args.plain_baseline, compile_mode=args.compile_mode,
+            profile_path=profile_path, plain_baseline=args.plain_baseline, compile_mode=args.torch_compile_mode,
             bf16_residual_stream=args.bf16_residual_stream, fast_paths=args.fast_paths,
         )
     except RuntimeError as error:  # torch.OutOfMemoryError on an accelerator, a RuntimeError on the CPU
@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"{result['in_process_ms_per_image']:6.3f} ms/img in process  "
                       f"peak {result['peak_memory_mib']:8.0f} MiB  ({result['images']} images)", flush=True)
         if not args.skip_step:
-            for name in args.models:
+            for name in args.presets:
                 config = MFMConfig.from_preset(name, image_size=args.image_size)
                 if args.check_fast_path:
                     batch = min(args.per_device_train_batch_size[0], 32)

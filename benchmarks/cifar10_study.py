@@ -54,6 +54,7 @@ MIN_STAGE_SECONDS = 30  # with --max_minutes, no stage after the first starts wi
 SMOKE_CLASSES, SMOKE_PER_CLASS = 10, 16
 STUDY_HUB_ID = "modeling-mfm/mfm-vit-4x96-cifar10"  # the CPU plan's encoder, for release.py
 HELD_OUT_PICTURE = "held_out_reconstruction.png"
+MONITOR_VALUES = ("knn_top1", "gain_low_pass_db", "gain_high_pass_db")  # logged as eval/<name> by run_pretrain.py
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,7 @@ class Study:
     def pretrain_command(self, pretext: str, output: Path, extra: list[str]) -> list[str]:
         plan = self.plan
         return [
-            "run_pretrain.py", "--model", "mfm-vit-tiny", "--image_size", str(plan.image_size),
+            "run_pretrain.py", "--preset", "mfm-vit-tiny", "--image_size", str(plan.image_size),
             "--mask_radius", f"{plan.mask_radius:.4f}", "--backbone_overrides", json.dumps(plan.backbone),
             *PRETEXT_FLAGS[pretext], *self.data_flags(), "--label_column_name", "label",
             "--output_dir", str(output), "--per_device_train_batch_size", str(plan.pretrain_batch),
@@ -217,7 +218,7 @@ class Study:
             "run_linear_probe.py", "--model_name_or_path", str(model), *self.data_flags(), "--crop_pct", "1.0",
             "--output_dir", str(output), "--per_device_eval_batch_size", "1024",
             "--dataloader_num_workers", str(self.args.dataloader_num_workers),
-            "--linear_epochs", str(self.plan.probe_epochs), "--seed", str(self.args.seed),
+            "--num_train_epochs", str(self.plan.probe_epochs), "--seed", str(self.args.seed),
             "--mixed_precision", self.mixed_precision, *self.test_flags(),
         ]
 
@@ -475,19 +476,20 @@ def render_command(command: list[str]) -> str:
 
 def training_speed(folder: Path) -> dict[str, Any]:
     """Median img/s over the logged windows after the first (start-up) one, and the peak memory, of a pre-training
-    run (its ``logs/metrics.jsonl``)."""
+    run (its ``logs/metrics.jsonl``: ``train/img_per_s``... and the monitor's ``eval/knn_top1``...), under the
+    study's own names."""
     from modeling_mfm.training.run.trackers import METRICS_FILE, read_metrics
 
-    logged = read_metrics(folder / LOGS_FOLDER / METRICS_FILE)
-    records = [r for r in logged if "img_per_s" in r]
+    logged = read_metrics(folder / LOGS_FOLDER / METRICS_FILE, upgrade=True)
+    records = [r for r in logged if "train/img_per_s" in r]
     if not records:
         return {}
-    windows = [r["img_per_s"] for r in records[1:]] or [records[0]["img_per_s"]]
-    monitor = [{k: r[k] for k in ("step", "knn_top1", "gain_low_pass_db", "gain_high_pass_db") if k in r}
-               for r in logged if "knn_top1" in r]
+    windows = [r["train/img_per_s"] for r in records[1:]] or [records[0]["train/img_per_s"]]
+    monitor = [{"step": r["step"], **{k: r[f"eval/{k}"] for k in MONITOR_VALUES if f"eval/{k}" in r}}
+               for r in logged if "eval/knn_top1" in r]
     return {"img_per_s": round(statistics.median(windows), 1),
-            "peak_memory_mib": round(max(r["peak_memory_mib"] for r in records), 1),
-            "final_loss": records[-1].get("loss"), "first_loss": records[0].get("loss"),
+            "peak_memory_mib": round(max(r["train/peak_memory_mib"] for r in records), 1),
+            "final_loss": records[-1].get("train/loss"), "first_loss": records[0].get("train/loss"),
             **({"monitor": monitor} if monitor else {})}
 
 

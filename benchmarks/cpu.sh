@@ -24,10 +24,10 @@ python -c "import torch, transformers; print('torch', torch.__version__, 'transf
 'threads', torch.get_num_threads())"
 step pipeline --skip_step --data_dir "$images" --dataloader_num_workers 0 1 2 --data_batches 20 --compare_jpeg_draft \
     --decode_on_device both --pipeline_stages --cache_dir "${TMPDIR:-/tmp}/mfm-benchmarks/datasets_cache"
-step eager --models mfm-vit-tiny mfm-resnet50 mfm-convnext-tiny mfm-vit-base --per_device_train_batch_size 8 --steps 6 \
+step eager --presets mfm-vit-tiny mfm-resnet50 mfm-convnext-tiny mfm-vit-base --per_device_train_batch_size 8 --steps 6 \
     --plain_baseline
-step compiled --models mfm-vit-tiny mfm-resnet50 --per_device_train_batch_size 8 --steps 6 --torch_compile --plain_baseline
-step bf16 --models mfm-vit-tiny --per_device_train_batch_size 8 --steps 6 --mixed_precision bf16
-step memory --models mfm-vit-tiny --per_device_train_batch_size 4 16 32 64 --steps 2 --warmup_steps 1
-step memory_gc --models mfm-vit-tiny --per_device_train_batch_size 4 16 32 64 --steps 2 --warmup_steps 1 --gradient_checkpointing
+step compiled --presets mfm-vit-tiny mfm-resnet50 --per_device_train_batch_size 8 --steps 6 --torch_compile --plain_baseline
+step bf16 --presets mfm-vit-tiny --per_device_train_batch_size 8 --steps 6 --mixed_precision bf16
+step memory --presets mfm-vit-tiny --per_device_train_batch_size 4 16 32 64 --steps 2 --warmup_steps 1
+step memory_gc --presets mfm-vit-tiny --per_device_train_batch_size 4 16 32 64 --steps 2 --warmup_steps 1 --gradient_checkpointing
 echo "== done"

@@ -43,25 +43,25 @@ torchvision.__version__, 'transformers', transformers.__version__, 'accelerate',
 if [ "$mode" = table ]; then
     # the training step, eager bf16, with the fast-path check against float32; then compiled (Inductor), whose
     # compilation takes a minute or two per model
-    step eager_bf16 120 --models mfm-vit-base mfm-resnet50 --per_device_train_batch_size 128 --mixed_precision bf16 --check_fast_path
-    step compiled_bf16 240 --models mfm-vit-base mfm-resnet50 --per_device_train_batch_size 128 --mixed_precision bf16 --torch_compile
-    step compiled_cudagraphs 260 --models mfm-resnet50 mfm-vit-base --per_device_train_batch_size 128 256 --mixed_precision bf16 \
-        --torch_compile --compile_mode reduce-overhead
+    step eager_bf16 120 --presets mfm-vit-base mfm-resnet50 --per_device_train_batch_size 128 --mixed_precision bf16 --check_fast_path
+    step compiled_bf16 240 --presets mfm-vit-base mfm-resnet50 --per_device_train_batch_size 128 --mixed_precision bf16 --torch_compile
+    step compiled_cudagraphs 260 --presets mfm-resnet50 mfm-vit-base --per_device_train_batch_size 128 256 --mixed_precision bf16 \
+        --torch_compile --torch_compile_mode reduce-overhead
     # the input pipeline: PIL in the workers (draft decoding), then decoding on the GPU
     step pipeline_cpu 100 --skip_step --data_dir "$images" --dataloader_num_workers 1 4 8 15 --data_batch_size 64 \
         --data_batches 40 --decode_on_device off --cache_dir "$scratch/datasets_cache"
     step pipeline_gpu 60 --skip_step --data_dir "$images" --dataloader_num_workers 1 2 4 --data_batch_size 64 \
         --data_batches 40 --decode_on_device on --cache_dir "$scratch/datasets_cache"
     # the float32 baseline, and memory at larger batches with and without gradient checkpointing
-    step eager_fp32 60 --models mfm-vit-base mfm-resnet50 --per_device_train_batch_size 128 --mixed_precision no
-    step memory_sweep 75 --models mfm-vit-base --per_device_train_batch_size 256 512 --mixed_precision bf16
-    step memory_sweep_gc 75 --models mfm-vit-base --per_device_train_batch_size 256 512 --mixed_precision bf16 --gradient_checkpointing
+    step eager_fp32 60 --presets mfm-vit-base mfm-resnet50 --per_device_train_batch_size 128 --mixed_precision no
+    step memory_sweep 75 --presets mfm-vit-base --per_device_train_batch_size 256 512 --mixed_precision bf16
+    step memory_sweep_gc 75 --presets mfm-vit-base --per_device_train_batch_size 256 512 --mixed_precision bf16 --gradient_checkpointing
 elif [ "$mode" = headline ]; then
-    step vit_compiled 110 --models mfm-vit-base --per_device_train_batch_size 128 --mixed_precision bf16 --torch_compile
-    step vit_cudagraphs_bf16_stream 130 --models mfm-vit-base --per_device_train_batch_size 128 256 --mixed_precision bf16 \
-        --torch_compile --compile_mode reduce-overhead --bf16_residual_stream
-    step resnet_cudagraphs 100 --models mfm-resnet50 --per_device_train_batch_size 128 --mixed_precision bf16 --torch_compile \
-        --compile_mode reduce-overhead
+    step vit_compiled 110 --presets mfm-vit-base --per_device_train_batch_size 128 --mixed_precision bf16 --torch_compile
+    step vit_cudagraphs_bf16_stream 130 --presets mfm-vit-base --per_device_train_batch_size 128 256 --mixed_precision bf16 \
+        --torch_compile --torch_compile_mode reduce-overhead --bf16_residual_stream
+    step resnet_cudagraphs 100 --presets mfm-resnet50 --per_device_train_batch_size 128 --mixed_precision bf16 --torch_compile \
+        --torch_compile_mode reduce-overhead
     echo "== vit_max_autotune ($((540 - SECONDS)) s left)"
     timeout $((540 - SECONDS)) python benchmarks/vit_step_variants.py --variants bf16_residual+max_autotune \
         > "$results/vit_max_autotune.txt" 2>&1 || echo "!! vit_max_autotune failed or timed out ($?)"
@@ -80,8 +80,8 @@ elif [ "$mode" = quick ]; then
         || echo "!! vit_step_variants_b512 failed or timed out ($?)"
     grep -E "img/s|FAILED|^float32|^mfm" "$results/vit_step_variants_b512.txt"
     # ResNet-50 with CUDA graphs at batch 128
-    step resnet_cudagraphs 110 --models mfm-resnet50 --per_device_train_batch_size 128 --mixed_precision bf16 --torch_compile \
-        --compile_mode reduce-overhead
+    step resnet_cudagraphs 110 --presets mfm-resnet50 --per_device_train_batch_size 128 --mixed_precision bf16 --torch_compile \
+        --torch_compile_mode reduce-overhead
 elif [ "$mode" = autotune ]; then
     # Inductor's max-autotune (Triton GEMM templates with the bias and GELU fused in), alone and with the bf16
     # residual stream; several minutes of autotuning each
@@ -90,11 +90,11 @@ elif [ "$mode" = autotune ]; then
         > "$results/vit_max_autotune.txt" 2>&1 || echo "!! vit_max_autotune failed or timed out ($?)"
     grep -E "img/s|FAILED|^float32|^mfm" "$results/vit_max_autotune.txt"
 elif [ "$mode" = profile ]; then
-    step profile_eager 90 --models mfm-vit-base mfm-resnet50 --per_device_train_batch_size 128 --mixed_precision bf16 \
+    step profile_eager 90 --presets mfm-vit-base mfm-resnet50 --per_device_train_batch_size 128 --mixed_precision bf16 \
         --profile_dir "$results"
-    step compiled_backbone 150 --models mfm-vit-base --per_device_train_batch_size 128 --mixed_precision bf16 --torch_compile \
+    step compiled_backbone 150 --presets mfm-vit-base --per_device_train_batch_size 128 --mixed_precision bf16 --torch_compile \
         --compile_scope backbone
-    step profile_compiled 150 --models mfm-vit-base --per_device_train_batch_size 128 --mixed_precision bf16 --torch_compile \
+    step profile_compiled 150 --presets mfm-vit-base --per_device_train_batch_size 128 --mixed_precision bf16 --torch_compile \
         --profile_dir "$results"
     step pipeline 120 --skip_step --data_dir "$images" --dataloader_num_workers 1 2 4 8 15 --data_batch_size 64 \
         --data_batches 40 --decode_on_device both --cache_dir "$scratch/datasets_cache"
@@ -105,13 +105,13 @@ elif [ "$mode" = train ]; then
     rm -rf "$data"
     for i in $(seq 10); do mkdir -p "$data/$i" && cp "$images"/* "$data/$i/"; done
     for variant in pil device compiled resnet_cudagraphs; do
-        model=mfm-vit-base extra=()
+        preset=mfm-vit-base extra=()
         [ "$variant" = device ] && extra=(--decode_on_device)
         [ "$variant" = compiled ] && extra=(--torch_compile)
-        [ "$variant" = resnet_cudagraphs ] && model=mfm-resnet50 extra=(--torch_compile --torch_compile_mode \
+        [ "$variant" = resnet_cudagraphs ] && preset=mfm-resnet50 extra=(--torch_compile --torch_compile_mode \
             reduce-overhead)
         echo "== train_$variant"
-        timeout 200 python run_scripts/run_pretrain.py --model "$model" --train_dir "$data" \
+        timeout 200 python run_scripts/run_pretrain.py --preset "$preset" --train_dir "$data" \
             --output_dir "$scratch/run_$variant" --per_device_train_batch_size 128 --max_train_steps 60 \
             --warmup_steps 5 --mixed_precision bf16 --logging_steps 10 --visualization_steps 0 \
             --checkpointing_steps 1000 --report_to none --dataloader_num_workers 15 \
@@ -119,11 +119,11 @@ elif [ "$mode" = train ]; then
             || { echo "!! train_$variant failed or timed out"; tail -5 "$scratch/run_$variant.log"; }
         python - "$scratch/run_$variant/logs/metrics.jsonl" "$results/train_$variant.json" <<'PYTHON'
 import json, sys
-records = [json.loads(line) for line in open(sys.argv[1]) if '"img_per_s"' in line]
-late = [r["img_per_s"] for r in records if r["step"] > 20]
-summary = {"img_per_s_by_step": {r["step"]: r["img_per_s"] for r in records},
+records = [json.loads(line) for line in open(sys.argv[1]) if '"train/img_per_s"' in line]
+late = [r["train/img_per_s"] for r in records if r["step"] > 20]
+summary = {"img_per_s_by_step": {r["step"]: r["train/img_per_s"] for r in records},
            "img_per_s_steps_21_60": sum(late) / max(1, len(late)),
-           "peak_memory_mib": max(r["peak_memory_mib"] for r in records)}
+           "peak_memory_mib": max(r["train/peak_memory_mib"] for r in records)}
 json.dump(summary, open(sys.argv[2], "w"), indent=2)
 print(f"img/s (steps 21-60) {summary['img_per_s_steps_21_60']:.0f}, peak {summary['peak_memory_mib']:.0f} MiB")
 PYTHON

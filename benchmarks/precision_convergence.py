@@ -54,7 +54,7 @@ def run_variant(variant: str, args: ConvergenceArguments) -> None:
     from modeling_mfm.training.loops.pretraining_arguments import parse_arguments
 
     argv = [
-        "--model", "mfm-vit-tiny", "--image_size", str(args.image_size),
+        "--preset", "mfm-vit-tiny", "--image_size", str(args.image_size),
         "--mask_radius", str(official_mask_radius(args.image_size)),
         "--backbone_overrides", json.dumps({"num_hidden_layers": args.layers, "patch_size": args.patch_size}),
         "--train_dir", args.train_dir, "--output_dir", os.path.join(args.output_dir, variant),
@@ -82,11 +82,12 @@ def metrics_file(folder: str) -> str:
 
 
 def read_log(folder: str) -> tuple[dict[int, float], float]:
-    """The run's loss by logged step, and its median img/s."""
-    with open(metrics_file(folder), encoding="utf-8") as f:
-        records = [json.loads(line) for line in f]
-    records = [r for r in records if "loss" in r]
-    return {r["step"]: r["loss"] for r in records}, statistics.median(r["img_per_s"] for r in records)
+    """The run's loss by logged step, and its median img/s (a log of an older version read under today's names)."""
+    from modeling_mfm.training.run.trackers import read_metrics
+
+    records = read_metrics(metrics_file(folder), upgrade=True)
+    records = [r for r in records if "train/loss" in r]
+    return {r["step"]: r["train/loss"] for r in records}, statistics.median(r["train/img_per_s"] for r in records)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

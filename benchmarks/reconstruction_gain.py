@@ -34,8 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.max_images < 1 or args.shown < 1:
         raise ScriptError("--max_images and --shown must be >= 1")
     from modeling_mfm import MFMForPreTraining
-    from modeling_mfm.training.data.sources import load_image_dataset
     from modeling_mfm.training.data.device_dataset import load_device_images
+    from modeling_mfm.training.data.sources import load_image_dataset
     from modeling_mfm.training.evaluation.representation_monitor import reconstruction_report
     from modeling_mfm.training.evaluation.visualization import save_png
 

@@ -2,7 +2,7 @@
 """Masked Frequency Modeling pre-training with Accelerate.
 
     accelerate launch run_scripts/run_pretrain.py                      # embedded demo: a few minutes on a CPU
-    accelerate launch run_scripts/run_pretrain.py --model mfm-vit-base --train_dir path/to/imagenet/train
+    accelerate launch run_scripts/run_pretrain.py --preset mfm-vit-base --train_dir path/to/imagenet/train
     accelerate launch run_scripts/run_pretrain.py --help               # every option, MFMConfig fields included
 
 Re-running a command continues its run from the newest checkpoint in --output_dir (with the same settings).

@@ -132,7 +132,7 @@ def test_every_gpu_stage_command_parses_and_its_model_trains_at_32px(tmp_path, p
     arguments, overrides = parse_arguments(command[1:])
     assert arguments.dataset_on_device and arguments.validation_split_size == 5000
     assert arguments.train_file == "cifar10/*.parquet" and arguments.per_device_train_batch_size == 512
-    config = build_config(arguments.model, overrides=overrides,
+    config = build_config(arguments.preset, overrides=overrides,
                           backbone_overrides={**parse_backbone_overrides(arguments.backbone_overrides),
                                               **study_module.SMOKE_PLANS["gpu"].backbone})
     assert config.corruption == pretext and config.image_size == 32 and config.mask_radius == pytest.approx(2.2857)
@@ -150,3 +150,4 @@ def test_every_gpu_stage_command_parses_and_its_model_trains_at_32px(tmp_path, p
     (parsed_probe,) = HfArgumentParser(LinearProbeArguments).parse_args_into_dataclasses(args=probe[1:])
     parsed_probe.check()
     assert parsed_probe.validation_split_size == 5000 and parsed_probe.crop_pct == 1.0
+    assert parsed_probe.num_train_epochs == study.plan.probe_epochs

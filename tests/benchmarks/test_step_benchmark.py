@@ -81,7 +81,7 @@ def test_batch_size_sweep_reports_memory_per_batch_and_survives_out_of_memory(tm
 
     huge = 375_000_000_000_000  # its uint8 images alone would need about 10^18 bytes
     try:
-        code = benchmark_cli(["--models", "mfm-vit-tiny", "--image_size", "32", "--per_device_train_batch_size", "2",
+        code = benchmark_cli(["--presets", "mfm-vit-tiny", "--image_size", "32", "--per_device_train_batch_size", "2",
                                          str(huge), "8", "--steps", "1", "--warmup_steps", "0", "--cpu",
                                          "--json", str(tmp_path / "sweep.json")])
     finally:
@@ -97,7 +97,7 @@ def test_benchmark_script_writes_json(tmp_path):
 
     images = noise_jpegs(tmp_path / "images", 4, (50, 50), seed=1)
     try:
-        code = benchmark_cli(["--models", "mfm-vit-tiny", "--image_size", "32", "--per_device_train_batch_size", "2", "--steps", "1",
+        code = benchmark_cli(["--presets", "mfm-vit-tiny", "--image_size", "32", "--per_device_train_batch_size", "2", "--steps", "1",
                               "--warmup_steps", "0", "--cpu", "--data_dir", str(images), "--dataloader_num_workers", "0",
                               "--data_batch_size", "2", "--data_batches", "1", "--cache_dir", str(tmp_path / "cache"),
                               "--decode_on_device", "both", "--plain_baseline", "--pipeline_stages",

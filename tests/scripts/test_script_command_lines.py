@@ -177,6 +177,94 @@ def test_the_benchmark_shell_scripts_pass_flags_their_scripts_accept(name):
         parsers[0].parse_args_into_dataclasses(command[2:])  # exits (code 2) on a flag the script does not accept
 
 
+# ---------------------------------------------------------------------------------------------------- one vocabulary
+FINETUNE = ["--preset", "mfm-vit-tiny", "--train_dir", "x"]
+PROBE = ["--model_name_or_path", "m", "--train_dir", "x"]
+
+
+def parse_with(script: str, argv: list[str]) -> tuple:
+    """``argv`` parsed by the (first) parser of ``script``, as its main() would."""
+    return script_help(script)[3][0].parse_args_into_dataclasses(argv)
+
+
+@pytest.mark.parametrize(("script", "argv", "old", "new", "value"), [
+    ("run_scripts/run_finetune.py", [*FINETUNE, "--clip_grad", "1.5"], "clip_grad", "max_grad_norm", 1.5),
+    ("run_scripts/run_finetune.py", [*FINETUNE, "--clip-grad=2"], "clip_grad", "max_grad_norm", 2.0),
+    ("run_scripts/run_pretrain.py", ["--model", "mfm-vit-small"], "model", "preset", "mfm-vit-small"),
+    ("run_scripts/run_linear_probe.py", [*PROBE, "--linear_batch_size", "8"], "linear_batch_size",
+     "per_device_train_batch_size", 8),
+    ("run_scripts/run_linear_probe.py", [*PROBE, "--linear_epochs", "5"], "linear_epochs", "num_train_epochs", 5),
+    ("run_scripts/run_linear_probe.py", [*PROBE, "--linear_base_lr=0.2"], "linear_base_lr", "base_learning_rate",
+     0.2),
+    ("run_scripts/run_linear_probe.py", [*PROBE, "--linear_weight_decay", "0.01"], "linear_weight_decay",
+     "weight_decay", 0.01),
+    ("run_scripts/run_linear_probe.py", [*PROBE, "--linear_warmup_epochs", "2"], "linear_warmup_epochs",
+     "warmup_epochs", 2),
+    ("benchmarks/benchmark.py", ["--models", "mfm-vit-tiny"], "models", "presets", ["mfm-vit-tiny"]),
+    ("benchmarks/benchmark.py", ["--compile_mode", "reduce-overhead"], "compile_mode", "torch_compile_mode",
+     "reduce-overhead"),
+])
+def test_a_renamed_flag_still_works_under_its_old_name_with_one_warning(script, argv, old, new, value):
+    with pytest.warns(FutureWarning) as warned:
+        parsed = parse_with(script, argv)
+    assert getattr(parsed[0], new) == value
+    messages = [str(w.message) for w in warned if issubclass(w.category, FutureWarning)]
+    assert messages == [f"--{old} is deprecated and will be removed in 0.3.0: use --{new}"]
+    assert f"(Formerly --{old}.)" in script_help(script)[3][0]._option_string_actions[f"--{new}"].help  # --help
+
+
+def test_an_old_flag_name_used_twice_warns_once_and_the_last_value_wins():
+    with pytest.warns(FutureWarning) as warned:
+        (parsed,) = parse_with("run_scripts/run_linear_probe.py", [*PROBE, "--linear_epochs", "1",
+                                                                   "--linear_epochs", "3"])
+    assert parsed.num_train_epochs == 3
+    assert len([w for w in warned if issubclass(w.category, FutureWarning)]) == 1
+
+
+def test_a_flag_given_under_its_old_and_new_names_is_refused(capsys):
+    with pytest.raises(SystemExit) as stop:
+        parse_with("run_scripts/run_finetune.py", [*FINETUNE, "--clip_grad", "1", "--max_grad_norm", "2"])
+    assert stop.value.code == 2
+    assert error_line(capsys.readouterr().err, "run_finetune.py").endswith(
+        "--clip_grad is the old name of --max_grad_norm: give --max_grad_norm only")
+
+
+@pytest.mark.parametrize(("script", "argv"), [
+    ("run_scripts/run_pretrain.py", ["--clip_grad", "1"]),  # fine-tuning's old name only
+    ("run_scripts/run_finetune.py", [*FINETUNE, "--linear_epochs", "3"]),  # the linear probe's old name only
+])
+def test_an_old_flag_name_belongs_to_the_script_that_had_it(script, argv, capsys):
+    with pytest.raises(SystemExit) as stop:
+        parse_with(script, argv)
+    assert stop.value.code == 2
+    assert f"unrecognized arguments: {' '.join(argv[-2:])}" in capsys.readouterr().err
+
+
+def test_the_shared_flag_names_parse_in_every_training_script():
+    (finetuning,) = parse_with("run_scripts/run_finetune.py", [*FINETUNE, "--max_grad_norm", "0", "--adam_epsilon",
+                                                               "1e-6", "--config_overrides", '{"image_size": 32}'])
+    assert (finetuning.max_grad_norm, finetuning.adam_epsilon, finetuning.config_overrides) == (
+        0.0, 1e-6, '{"image_size": 32}')
+    pretraining, _ = parse_with("run_scripts/run_pretrain.py", [
+        "--preset", "mfm-vit-tiny", "--max_grad_norm", "0", "--adam_epsilon", "1e-6", "--config_overrides",
+        '{"image_size": 32}'])
+    assert (pretraining.preset, pretraining.max_grad_norm, pretraining.adam_epsilon, pretraining.config_overrides) == (
+        "mfm-vit-tiny", 0.0, 1e-6, '{"image_size": 32}')
+    (segmentation,) = parse_with("run_scripts/run_segmentation.py", [
+        "--model_name_or_path", "m", "--data_dir", "d", "--max_grad_norm", "1", "--adam_epsilon", "1e-6",
+        "--adam_beta1", "0.8", "--adam_beta2", "0.98"])
+    assert (segmentation.max_grad_norm, segmentation.adam_epsilon, segmentation.adam_beta1,
+            segmentation.adam_beta2) == (1.0, 1e-6, 0.8, 0.98)
+    (default,) = parse_with("run_scripts/run_segmentation.py", ["--model_name_or_path", "m", "--data_dir", "d"])
+    assert (default.max_grad_norm, default.adam_epsilon, default.adam_beta1, default.adam_beta2) == (
+        0.0, 1e-8, 0.9, 0.999)  # what segmentation always used
+    (probe,) = parse_with("run_scripts/run_linear_probe.py", [
+        *PROBE, "--per_device_train_batch_size", "64", "--num_train_epochs", "0", "--base_learning_rate", "0.05",
+        "--weight_decay", "0.001", "--warmup_epochs", "1"])
+    assert (probe.per_device_train_batch_size, probe.num_train_epochs, probe.base_learning_rate, probe.weight_decay,
+            probe.warmup_epochs) == (64, 0, 0.05, 0.001, 1)
+
+
 # ---------------------------------------------------------------------------------------------------- the helper
 @dataclass
 class Example:

@@ -72,12 +72,19 @@ class LinearProbeArguments(ClassificationDataArguments):
     per_device_eval_batch_size: int = field(default=128, metadata={"help": "Feature extraction batch per process."})
     crop_pct: float = field(default=0.875, metadata={"help": "Centre-crop fraction of the eval transform."})
     pooling: str = field(default="mean", metadata={"help": "ViT features: 'mean' of patch tokens or 'cls'."})
-    # linear probe
-    linear_epochs: int = field(default=90, metadata={"help": "Epochs of the linear head (0 skips the probe)."})
-    linear_batch_size: int = field(default=256, metadata={"help": "Batch of the linear head."})
-    linear_base_lr: float = field(default=0.1, metadata={"help": "lr = linear_base_lr * linear_batch_size / 256."})
-    linear_weight_decay: float = field(default=0.0, metadata={"help": "Weight decay of the head."})
-    linear_warmup_epochs: int = field(default=10, metadata={"help": "Warmup epochs of the head."})
+    # linear probe: the head trains on the main process, on the cached features
+    num_train_epochs: int = field(default=90, metadata={"help": "Epochs of the linear head (0 skips the probe)."})
+    per_device_train_batch_size: int = field(
+        default=256,
+        metadata={"help": "Batch of the linear head (the features are extracted with --per_device_eval_batch_size)."},
+    )
+    base_learning_rate: float = field(
+        default=0.1,
+        metadata={"help": "The head's lr = base_learning_rate * per_device_train_batch_size / 256 (MAE's rule; the "
+                          "training scripts scale by / 512)."},
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "Weight decay of the head (SGD)."})
+    warmup_epochs: int = field(default=10, metadata={"help": "Warmup epochs of the head."})
     # kNN
     knn_k: int = field(default=20, metadata={"help": "Neighbours that vote (0 skips kNN)."})
     knn_temperature: float = field(default=0.07, metadata={"help": "Vote weight exp(similarity / T)."})
@@ -91,17 +98,17 @@ class LinearProbeArguments(ClassificationDataArguments):
         self.check_data_source()
         if self.pooling not in ("mean", "cls"):
             raise ValueError(f"pooling must be 'mean' or 'cls', got {self.pooling!r}")
-        if self.linear_epochs < 0 or self.knn_k < 0:
-            raise ValueError(f"linear_epochs and knn_k must be >= 0, got {self.linear_epochs}, {self.knn_k}")
-        if self.linear_epochs == 0 and self.knn_k == 0:
-            raise ValueError("nothing to do: linear_epochs and knn_k are both 0")
+        if self.num_train_epochs < 0 or self.knn_k < 0:
+            raise ValueError(f"num_train_epochs and knn_k must be >= 0, got {self.num_train_epochs}, {self.knn_k}")
+        if self.num_train_epochs == 0 and self.knn_k == 0:
+            raise ValueError("nothing to do: num_train_epochs (the linear probe) and knn_k are both 0")
         if self.knn_temperature <= 0:
             raise ValueError(f"knn_temperature must be > 0, got {self.knn_temperature}")
-        for name in ("per_device_eval_batch_size", "linear_batch_size"):
+        for name in ("per_device_eval_batch_size", "per_device_train_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.linear_warmup_epochs < 0:
-            raise ValueError(f"linear_warmup_epochs must be >= 0, got {self.linear_warmup_epochs}")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
 
 
 # ---------------------------------------------------------------------------------------------------- features
@@ -280,17 +287,17 @@ def run_linear_probe(args: LinearProbeArguments) -> dict[str, Any]:
                     votes = knn_scores(train_features, train_labels, features, num_classes, args.knn_k,
                                        args.knn_temperature)
                     _results_of(results, split)["knn"] = {**knn, **top_k_accuracy(votes, labels)}
-            if args.linear_epochs > 0:
+            if args.num_train_epochs > 0:
                 probe, scores = train_linear_probe(
-                    train_features, train_labels, eval_features, eval_labels, num_classes, args.linear_epochs,
-                    args.linear_batch_size, args.linear_base_lr, args.linear_weight_decay, args.linear_warmup_epochs,
+                    train_features, train_labels, eval_features, eval_labels, num_classes, args.num_train_epochs,
+                    args.per_device_train_batch_size, args.base_learning_rate, args.weight_decay, args.warmup_epochs,
                     args.seed,
                 )
-                results["linear_probe"] = {"epochs": args.linear_epochs, **scores}
+                results["linear_probe"] = {"epochs": args.num_train_epochs, **scores}
                 if test is not None:
                     with torch.no_grad():
                         test_scores = top_k_accuracy(probe(test[0]), test[1])
-                    results["test"]["linear_probe"] = {"epochs": args.linear_epochs, **test_scores}
+                    results["test"]["linear_probe"] = {"epochs": args.num_train_epochs, **test_scores}
             write_json(Path(args.output_dir) / "results.json", results)
             for split, values in (("validation", results), ("test", results.get("test", {}))):
                 for name in ("linear_probe", "knn"):

@@ -175,7 +175,8 @@ class RepresentationMonitor:
     @torch.no_grad()
     def measure(self, model: Any) -> dict[str, float]:
         """``{"knn_top1", "gain_low_pass_db", "gain_high_pass_db"}`` of ``model`` (an unwrapped
-        `MFMForPreTraining`) in eval mode, read to the host once at the end; the model's mode is restored."""
+        `MFMForPreTraining`) in eval mode, read to the host once at the end; the model's mode is restored. (The
+        pre-training loop logs them as ``eval/<name>``.)"""
         was_training = model.training
         model.eval()
         try:
@@ -203,9 +204,10 @@ def describe_measurement(step: int, values: dict[str, float]) -> str:
 
 
 def summarize_measurements(records: list[dict[str, Any]]) -> dict[str, str]:
-    """The model card's lines from the logged records (``metrics.jsonl``, all invocations of the run): the first
-    and the last measurement."""
-    measured = [record for record in records if "knn_top1" in record]
+    """The model card's lines from the logged records (``metrics.jsonl``, all invocations of the run, where
+    pre-training logs each measurement as ``eval/<name>``): the first and the last measurement."""
+    measured = [{key.removeprefix("eval/"): value for key, value in record.items()}
+                for record in records if "eval/knn_top1" in record]
     if not measured:
         return {}
     first, last = measured[0], measured[-1]
@@ -217,4 +219,3 @@ def summarize_measurements(records: list[dict[str, Any]]) -> dict[str, str]:
             f"(step {first['step']}: {first['gain_low_pass_db']:+.2f} / {first['gain_high_pass_db']:+.2f} dB)"
         )
     return summary
-

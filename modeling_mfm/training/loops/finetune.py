@@ -56,7 +56,7 @@ from ..evaluation.classification_metrics import TopKAccuracy, top_k_indices
 from ..models.model_factory import cudnn_autotuning, enable_activation_checkpointing, preferred_memory_format
 from ..models.model_loading import load_classifier
 from ..optim.layer_decay import layer_decay_adamw
-from ..optim.optimizer import FUSED_ADAMW_DEVICES, scale_learning_rate
+from ..optim.optimizer import FUSED_ADAMW_DEVICES, clip_to_max_grad_norm, describe_clipping, scale_learning_rate
 from ..optim.schedules import LearningRateSchedule
 from ..run.checkpointing import TrainerState, save_checkpoint
 from ..run.disk_faults import write_faults, write_json
@@ -85,12 +85,13 @@ RECIPES: dict[str, dict[str, Any]] = {
         "num_train_epochs": 100, "base_learning_rate": 2e-3, "warmup_epochs": 5, "warmup_lr": 2.5e-7, "min_lr": 2.5e-7,
         "weight_decay": 0.05, "layer_decay": 0.8, "drop_path_rate": 0.1, "auto_augment": "rand-m9-mstd0.5-inc1",
         "random_erasing": 0.25, "mixup": 0.8, "cutmix": 1.0, "label_smoothing": 0.1, "crop_pct": 0.875,
-        "clip_grad": None,
+        "max_grad_norm": 0.0,
     },
     "resnet": {
         "num_train_epochs": 100, "base_learning_rate": 2e-3, "warmup_epochs": 5, "warmup_lr": 2.5e-5, "min_lr": 2.5e-7,
         "weight_decay": 0.02, "layer_decay": 1.0, "drop_path_rate": 0.05, "auto_augment": "rand-m6-mstd0.5-inc1",
-        "random_erasing": 0.0, "mixup": 0.1, "cutmix": 1.0, "label_smoothing": 0.1, "crop_pct": 0.95, "clip_grad": None,
+        "random_erasing": 0.0, "mixup": 0.1, "cutmix": 1.0, "label_smoothing": 0.1, "crop_pct": 0.95,
+        "max_grad_norm": 0.0,
     },
 }
 
@@ -116,12 +117,14 @@ class FinetuneArguments(ClassificationDataArguments, RunFolderArguments):
         default=None, metadata={"help": "MFM checkpoint or native encoder (folder or Hub id) to fine-tune."}
     )
     preset: str | None = field(
-        default=None, metadata={"help": "Train a randomly initialised preset instead (e.g. mfm-vit-tiny)."}
+        default=None,
+        metadata={"help": "Preset name (see MFMConfig.available_presets()) to train from a random initialisation "
+                          "instead, e.g. mfm-vit-tiny."},
     )
     config_overrides: str | None = field(
         default=None,
-        metadata={"help": 'JSON overrides of the preset, e.g. \'{"image_size": 32, "backbone_overrides": '
-                          '{"patch_size": 4}}\'.'},
+        metadata={"help": 'JSON object of MFMConfig fields overriding the preset, as in run_pretrain.py, e.g. '
+                          '\'{"image_size": 32, "backbone_overrides": {"patch_size": 4}}\'.'},
     )
     recipe: str = field(default="vit", metadata={"help": "Defaults to use: 'vit' (official ViT) or 'resnet'."})
     drop_path_rate: float | None = field(default=None, metadata={"help": "Stochastic depth (vit recipe: 0.1)."})
@@ -155,7 +158,11 @@ class FinetuneArguments(ClassificationDataArguments, RunFolderArguments):
     layer_decay: float | None = field(default=None, metadata={"help": "Layer-wise lr decay (vit: 0.8)."})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
-    clip_grad: float | None = field(default=None, metadata={"help": "Gradient norm clipping (official: none)."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    max_grad_norm: float | None = field(
+        default=None,
+        metadata={"help": "Gradient clipping norm (0 = no clipping; both recipes: 0, as the official fine-tuning)."},
+    )
     # augmentation
     crop_min_scale: float = field(
         default=0.08, metadata={"help": "Smallest crop area fraction of RandomResizedCrop (official 0.08)."}
@@ -256,8 +263,10 @@ class FinetuneArguments(ClassificationDataArguments, RunFolderArguments):
         if self.dataset_on_device and self.auto_augment:
             raise ValueError("--dataset_on_device has no RandAugment (a per-image CPU transform); pass --auto_augment "
                              "none")
-        if self.clip_grad is not None and self.clip_grad <= 0:
-            raise ValueError(f"clip_grad must be > 0 when given, got {self.clip_grad}")
+        if self.max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm}")
+        if self.adam_epsilon < 0:
+            raise ValueError(f"adam_epsilon must be >= 0, got {self.adam_epsilon}")
         if self.push_to_hub:
             check_repo_id(self.hub_model_id)
         check_report_to(self.report_to)
@@ -336,7 +345,7 @@ def finetune(args: FinetuneArguments) -> dict[str, Any]:
         total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
         lr, lr_ratio = _peak_lr(args, total_batch)
         optimizer = layer_decay_adamw(model, lr, args.weight_decay, args.layer_decay,
-                                      betas=(args.adam_beta1, args.adam_beta2), eps=1e-8,
+                                      betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
                                       fused=accelerator.device.type in FUSED_ADAMW_DEVICES)
         if args.dataset_on_device:  # batches are made on the device, this process's share only
             model, optimizer, eval_loader = accelerator.prepare(model, optimizer, eval_loader)
@@ -390,8 +399,8 @@ def finetune(args: FinetuneArguments) -> dict[str, Any]:
                     if not torch.isfinite(loss):
                         raise RuntimeError(f"non-finite training loss {loss.item()} at step {state.step}")
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients and args.clip_grad is not None:
-                        accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
+                    if accelerator.sync_gradients:
+                        clip_to_max_grad_norm(accelerator, model.parameters(), args.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad()
                 sums.add(loss, batch["skipped"])
@@ -597,7 +606,7 @@ def _training_details(args: FinetuneArguments, config: Any, state: TrainerState,
     details = {
         "recipe": args.recipe, "epochs": num_epochs, "optimizer steps": schedule.total_steps,
         "total batch size": total_batch, "peak learning rate": schedule.peak_lr, "layer decay": args.layer_decay,
-        "weight decay": args.weight_decay,
+        "weight decay": args.weight_decay, "gradient clipping (max_grad_norm)": describe_clipping(args.max_grad_norm),
         "drop path": args.drop_path_rate if hasattr(config.backbone_config, "drop_path_rate") else "n/a",
         "warmup steps": schedule.warmup_steps, "mixup / cutmix": f"{args.mixup} / {args.cutmix}",
         "label smoothing": args.label_smoothing, "auto augment": args.auto_augment or "none",

@@ -67,7 +67,7 @@ from ..models.model_factory import (
     enable_activation_checkpointing,
     preferred_memory_format,
 )
-from ..optim.optimizer import build_optimizer, scale_learning_rate
+from ..optim.optimizer import build_optimizer, describe_clipping, scale_learning_rate
 from ..optim.schedules import LearningRateSchedule
 from ..run.checkpointing import TrainerState, save_checkpoint
 from ..run.disk_faults import WriteFailedError, write_faults
@@ -88,6 +88,7 @@ from .pretraining_arguments import (
     PretrainingArguments,
     is_demo_run,
     parse_backbone_overrides,
+    parse_config_overrides,
     resolve_defaults,
 )
 
@@ -115,7 +116,8 @@ RUN_ONLY_ARGUMENTS = frozenset({
     "cpu_threads", "torch_compile", "torch_compile_backend", "torch_compile_mode", "gradient_checkpointing",
     "cudnn_benchmark", "max_nonfinite_retries",
     "monitor_steps", "monitor_bank_size", "monitor_eval_size", "monitor_gain_size", "knn_k", "knn_temperature",
-    "model", "config_file", "backbone_overrides", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "preset", "config_file", "config_overrides", "backbone_overrides", "per_device_train_batch_size",
+    "gradient_accumulation_steps",
     "num_train_epochs", "max_train_steps", "warmup_epochs", "warmup_steps", "warmup_ratio", "base_learning_rate",
     "warmup_lr", "min_lr", "mixed_precision",
 })
@@ -357,12 +359,15 @@ def _use_cpu_threads(accelerator: Accelerator, cpu_threads: int | None) -> None:
 
 def _model_config(args: PretrainingArguments, overrides: dict[str, Any], accelerator: Accelerator) -> Any:
     """The MFMConfig of the run: a preset, a config file or a checkpoint's, with the command line's overrides (and
-    the embedded demo's small model)."""
-    backbone_overrides = parse_backbone_overrides(args.backbone_overrides)
-    if is_demo_run(args) and args.model == "mfm-vit-tiny" and not args.config_file and not args.model_name_or_path:
+    the embedded demo's small model). What wins: the per-field flags (``overrides``) and ``--backbone_overrides``,
+    then ``--config_overrides``, then the demo's model."""
+    given = parse_config_overrides(args.config_overrides)
+    backbone_overrides = {**given.pop("backbone_overrides", {}), **parse_backbone_overrides(args.backbone_overrides)}
+    overrides = {**given, **overrides}
+    if is_demo_run(args) and args.preset == "mfm-vit-tiny" and not args.config_file and not args.model_name_or_path:
         overrides = {**{k: v for k, v in DEMO_MODEL_OVERRIDES.items() if k != "backbone_overrides"}, **overrides}
         backbone_overrides = {**DEMO_MODEL_OVERRIDES["backbone_overrides"], **backbone_overrides}
-    config = build_config(args.model, args.config_file, args.model_name_or_path, overrides, backbone_overrides)
+    config = build_config(args.preset, args.config_file, args.model_name_or_path, overrides, backbone_overrides)
     if (config.image_size != OFFICIAL_IMAGE_SIZE and "mask_radius" not in overrides
             and config.mask_radius == OFFICIAL_MASK_RADIUS):
         logger.warning("mask_radius %d is tuned for %dx%d inputs; at %d px the same ratio is --mask_radius %.1f",
@@ -454,16 +459,16 @@ def _log(accelerator: Accelerator, statistics: StepStatistics, state: TrainerSta
     values = statistics.collect(accelerator)
     state.skipped_images += values["skipped"]
     metrics = {
-        "loss": values["loss"],
-        "lr": lr,
-        "grad_norm": values["grad_norm"],
-        "img_per_s": steps * plan.total_batch_size / max(seconds, 1e-9),
-        "peak_memory_mib": peak_memory_bytes(accelerator.device) / 2**20,
-        "skipped_images": state.skipped_images,
-        "epoch": state.step / plan.steps_per_epoch if plan.steps_per_epoch else 0.0,
+        "train/loss": values["loss"],
+        "train/lr": lr,
+        "train/grad_norm": values["grad_norm"],
+        "train/img_per_s": steps * plan.total_batch_size / max(seconds, 1e-9),
+        "train/peak_memory_mib": peak_memory_bytes(accelerator.device) / 2**20,
+        "train/skipped_images": state.skipped_images,
+        "train/epoch": state.step / plan.steps_per_epoch if plan.steps_per_epoch else 0.0,
     }
     accelerator.log(metrics, step=state.step)
-    progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{metrics['img_per_s']:.1f}")
+    progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{metrics['train/img_per_s']:.1f}")
     return values["loss"]
 
 
@@ -478,12 +483,13 @@ def _checkpoint(accelerator: Accelerator, statistics: StepStatistics, state: Tra
 
 def _measure(accelerator: Accelerator, monitor: RepresentationMonitor | None, model: Any, step: int,
              progress: tqdm) -> None:
-    """One measurement of the monitor (main process), logged to the trackers and shown under the progress bar."""
+    """One measurement of the monitor (main process), logged to the trackers (``eval/<name>``, as fine-tuning's
+    evaluations) and shown under the progress bar."""
     if monitor is None:
         return
     with accelerator.autocast():
         values = monitor.measure(accelerator.unwrap_model(model, keep_torch_compile=False))
-    accelerator.log(values, step=step)
+    accelerator.log({f"eval/{name}": value for name, value in values.items()}, step=step)
     progress.write(describe_measurement(step, values))
 
 
@@ -526,7 +532,7 @@ def _training_details(args: PretrainingArguments, config: Any, data: Pretraining
         "peak learning rate": plan.schedule.peak_lr,
         "schedule": f"linear warmup {plan.schedule.warmup_steps} steps, then cosine to {args.min_lr:g} x batch / 512",
         "optimizer": f"AdamW betas ({args.adam_beta1}, {args.adam_beta2}), weight decay {args.weight_decay}",
-        "gradient clipping": args.max_grad_norm,
+        "gradient clipping (max_grad_norm)": describe_clipping(args.max_grad_norm),
         "mixed precision": precision,
         "final loss": round(last_loss, 5) if last_loss is not None else "n/a",
         "hardware": describe_hardware(accelerator.device, accelerator.num_processes),
@@ -535,7 +541,7 @@ def _training_details(args: PretrainingArguments, config: Any, data: Pretraining
     }
     metrics_file = Path(args.output_dir, LOGS_FOLDER, METRICS_FILE)
     if args.monitor_steps and metrics_file.is_file():
-        details.update(summarize_measurements(read_metrics(metrics_file)))
+        details.update(summarize_measurements(read_metrics(metrics_file, upgrade=True)))
     if data.unlisted:
         details["folder entries that could not be listed"] = len(data.unlisted)
     if state.settings_changes:

@@ -32,6 +32,7 @@ __all__ = [
     "is_demo_run",
     "parse_arguments",
     "parse_backbone_overrides",
+    "parse_config_overrides",
     "resolve_defaults",
 ]
 
@@ -40,7 +41,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 # The official MFM ViT pre-training recipe (the official code's ViT-B/16 configuration).
 OFFICIAL_DEFAULTS: dict[str, Any] = {
-    "model": "mfm-vit-base",
+    "preset": "mfm-vit-base",
     "output_dir": "mfm-pretrain",
     "per_device_train_batch_size": 128,
     "num_train_epochs": 300.0,
@@ -54,7 +55,7 @@ OFFICIAL_DEFAULTS: dict[str, Any] = {
 # The embedded demo: a ViT-Tiny-width encoder (6 layers) at 64x64 on random crops of the scikit-image photos;
 # learns visibly in a few minutes on 2 CPU cores. The mask radius keeps the official radius / image size ratio.
 DEMO_DEFAULTS: dict[str, Any] = {
-    "model": "mfm-vit-tiny",
+    "preset": "mfm-vit-tiny",
     "output_dir": "mfm-pretrain-demo",
     "per_device_train_batch_size": 32,
     "max_train_steps": 400,
@@ -79,14 +80,20 @@ class PretrainingArguments(MonitorArguments, RunFolderArguments):
     _argument_group_name = "pre-training"
 
     # ---- model
-    model: str | None = field(
+    preset: str | None = field(
         default=None,
         metadata={"help": "Preset name (see MFMConfig.available_presets()), e.g. mfm-vit-base. Default: mfm-vit-base, "
                           "or mfm-vit-tiny (6 layers, patch 8, 64x64) for the embedded demo."},
     )
-    config_file: str | None = field(default=None, metadata={"help": "An MFMConfig JSON file (instead of --model)."})
+    config_file: str | None = field(default=None, metadata={"help": "An MFMConfig JSON file (instead of --preset)."})
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "A saved MFMForPreTraining (folder or Hub id) to continue training from."}
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": 'JSON object of MFMConfig fields, as in run_finetune.py, e.g. \'{"image_size": 32, '
+                          '"backbone_overrides": {"patch_size": 4}}\'; the per-field flags (--image_size...) and '
+                          '--backbone_overrides win over it.'},
     )
     backbone_overrides: str | None = field(
         default=None, metadata={"help": 'JSON dict of backbone config fields, e.g. \'{"num_hidden_layers": 6}\'.'}
@@ -304,20 +311,37 @@ def resolve_defaults(args: PretrainingArguments) -> PretrainingArguments:
     for name, value in defaults.items():
         if getattr(args, name) is not None:
             continue
-        if name == "model" and (args.config_file or args.model_name_or_path):
+        if name == "preset" and (args.config_file or args.model_name_or_path):
             continue
         changes[name] = value
     return dataclasses.replace(args, **changes)
 
 
-def parse_backbone_overrides(text: str | None) -> dict[str, Any]:
-    """``--backbone_overrides`` JSON -> dict (a clear error for anything else)."""
+def _json_object(name: str, text: str | None) -> dict[str, Any]:
+    """The JSON object of the flag ``name`` (empty when not given); a clear error for anything else."""
     if not text:
         return {}
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
-        raise ValueError(f"backbone_overrides must be a JSON object, got {text!r}: {error}") from error
+        raise ValueError(f"{name} must be a JSON object, got {text!r}: {error}") from error
     if not isinstance(value, dict):
-        raise ValueError(f"backbone_overrides must be a JSON object, got {text!r}")
+        raise ValueError(f"{name} must be a JSON object, got {text!r}")
     return value
+
+
+def parse_backbone_overrides(text: str | None) -> dict[str, Any]:
+    """``--backbone_overrides`` JSON -> dict (a clear error for anything else)."""
+    return _json_object("backbone_overrides", text)
+
+
+def parse_config_overrides(text: str | None) -> dict[str, Any]:
+    """``--config_overrides`` JSON -> dict of MFMConfig fields, ``backbone_overrides`` (a dict) among them; unknown
+    fields are refused here, as their flags would be."""
+    values = _json_object("config_overrides", text)
+    unknown = sorted(set(values) - set(config_fields()) - {"backbone_overrides"})
+    if unknown:
+        raise ValueError(f"config_overrides: unknown MFMConfig fields {unknown}")
+    if not isinstance(values.get("backbone_overrides", {}), dict):
+        raise ValueError(f"config_overrides: backbone_overrides must be a JSON object, got {text!r}")
+    return values

@@ -49,6 +49,7 @@ from ..data.sources import MAX_CONSECUTIVE_FAILURES, open_image
 from ..data.transforms import to_rgb
 from ..models.model_loading import build_mfm_config
 from ..optim.layer_decay import layer_decay_adamw
+from ..optim.optimizer import clip_to_max_grad_norm, describe_clipping
 from ..optim.schedules import LearningRateSchedule
 from ..run.checkpointing import TrainerState, save_checkpoint
 from ..run.disk_faults import write_faults, write_json
@@ -96,6 +97,10 @@ class SegmentationArguments(RunFolderArguments):
     learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate of the head."})
     layer_decay: float = field(default=0.65, metadata={"help": "Layer-wise lr decay of the encoder."})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping norm (0 = no clipping)."})
     warmup_steps: int = field(default=1500, metadata={"help": "Linear warmup steps."})
     drop_path_rate: float = field(default=0.1, metadata={"help": "Stochastic depth of the encoder."})
     hidden_size: int = field(default=512, metadata={"help": "UperNet channels."})
@@ -131,6 +136,10 @@ class SegmentationArguments(RunFolderArguments):
             raise ValueError(f"num_labels must be >= 2, got {self.num_labels}")
         if not 0.0 < self.layer_decay <= 1.0:
             raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm}")
+        if self.adam_epsilon < 0:
+            raise ValueError(f"adam_epsilon must be >= 0, got {self.adam_epsilon}")
         if self.warmup_steps < 0 or self.warmup_steps > self.max_train_steps:
             raise ValueError(f"warmup_steps must be in [0, max_train_steps], got {self.warmup_steps}")
         if self.push_to_hub:
@@ -348,7 +357,8 @@ def train_segmentation(args: SegmentationArguments) -> dict[str, Any]:
         eval_loader = DataLoader(eval_set, batch_size=1, num_workers=args.dataloader_num_workers, collate_fn=_collate)
         backbone_config = model.config.backbone_config
         optimizer = layer_decay_adamw(
-            model, args.learning_rate, args.weight_decay, args.layer_decay, betas=(0.9, 0.999),
+            model, args.learning_rate, args.weight_decay, args.layer_decay, betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_epsilon,
             num_layers=getattr(backbone_config, "num_hidden_layers", None) or len(backbone_config.depths),
         )
         schedule = LearningRateSchedule(args.learning_rate, args.max_train_steps, args.warmup_steps, decay="linear")
@@ -378,6 +388,7 @@ def train_segmentation(args: SegmentationArguments) -> dict[str, Any]:
                 if not torch.isfinite(loss):
                     raise RuntimeError(f"non-finite loss {loss.item()} at step {state.step}")
                 accelerator.backward(loss)
+                clip_to_max_grad_norm(accelerator, model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
                 sums.add(loss, batch["skipped"])
@@ -443,6 +454,7 @@ def _training_details(args: SegmentationArguments, state: TrainerState, precisio
         "encoder": args.model_name_or_path, "optimizer steps": state.step, "crop size": args.crop_size,
         "batch size per process": args.per_device_train_batch_size, "peak learning rate": args.learning_rate,
         "layer decay": args.layer_decay, "weight decay": args.weight_decay, "warmup steps": args.warmup_steps,
+        "gradient clipping (max_grad_norm)": describe_clipping(args.max_grad_norm),
         "drop path": args.drop_path_rate, "mixed precision": precision,
         "skipped unreadable training pairs": state.skipped_images,
     }

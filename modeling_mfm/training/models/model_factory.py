@@ -57,7 +57,7 @@ def override_config(
 
 
 def build_config(
-    model: str | None = None,
+    preset: str | None = None,
     config_file: str | None = None,
     model_name_or_path: str | None = None,
     overrides: dict[str, Any] | None = None,
@@ -67,12 +67,12 @@ def build_config(
     fields (and backbone fields) overridden: the one builder of pre-training and of presets for fine-tuning
     (`model_loading.build_mfm_config`)."""
     overrides = dict(overrides or {})
-    sources = [name for name, value in (("model", model), ("config_file", config_file),
+    sources = [name for name, value in (("preset", preset), ("config_file", config_file),
                                         ("model_name_or_path", model_name_or_path)) if value]
     if len(sources) != 1:
-        raise ValueError(f"give exactly one of --model, --config_file, --model_name_or_path (got {sources or 'none'})")
-    if model:
-        return MFMConfig.from_preset(model, **overrides, backbone_overrides=backbone_overrides or {})
+        raise ValueError(f"give exactly one of --preset, --config_file, --model_name_or_path (got {sources or 'none'})")
+    if preset:
+        return MFMConfig.from_preset(preset, **overrides, backbone_overrides=backbone_overrides or {})
     if config_file:
         if not os.path.isfile(config_file):
             raise ValueError(f"config_file {config_file!r} does not exist")

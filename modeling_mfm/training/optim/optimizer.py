@@ -1,15 +1,17 @@
-"""AdamW for MFM pre-training, as the official recipe: weight decay on weight matrices only, and linear lr scaling."""
+"""AdamW for MFM pre-training, as the official recipe: weight decay on weight matrices only, and linear lr scaling;
+and ``--max_grad_norm``, the gradient clipping flag every training script shares (0 = no clipping)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
 __all__ = [
-    "FUSED_ADAMW_DEVICES", "NO_DECAY_NAMES", "build_optimizer", "parameter_groups", "scale_learning_rate",
-    "uses_weight_decay",
+    "FUSED_ADAMW_DEVICES", "NO_DECAY_NAMES", "build_optimizer", "clip_to_max_grad_norm", "describe_clipping",
+    "parameter_groups", "scale_learning_rate", "uses_weight_decay",
 ]
 
 # Parameters that are never decayed whatever their shape: the learned position embeddings, the CLS token (and, for
@@ -83,3 +85,21 @@ def build_optimizer(
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ValueError(f"betas must be two values in [0, 1), got {betas}")
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
+
+
+def clip_to_max_grad_norm(
+    accelerator: Any, parameters: Iterable[torch.Tensor], max_grad_norm: float
+) -> torch.Tensor | None:
+    """``--max_grad_norm`` in fine-tuning and segmentation: the gradients' total norm clipped to it through Accelerate
+    (which unscales fp16 gradients first); 0 means no clipping and computes nothing. (Pre-training always computes
+    the norm, which it logs.)"""
+    if max_grad_norm < 0:
+        raise ValueError(f"max_grad_norm must be >= 0 (0 = no clipping), got {max_grad_norm}")
+    if max_grad_norm == 0:
+        return None
+    return accelerator.clip_grad_norm_(parameters, max_grad_norm)
+
+
+def describe_clipping(max_grad_norm: float) -> str:
+    """A model card's words for ``--max_grad_norm``."""
+    return f"max norm {max_grad_norm:g}" if max_grad_norm > 0 else "none"

@@ -13,7 +13,8 @@
 * **Settings.** A checkpoint's ``trainer_state.json`` records the settings that determine the run's trajectory
   (seed, learning rates, batch, schedule length, data, model configuration, ...). A resume whose settings differ
   stops and lists the differences, unless ``--allow_changed_settings``: then they are logged, kept in the trainer
-  state and written to the model card.
+  state and written to the model card. A checkpoint of an older version is read under today's names
+  (`_upgraded_settings`), so that renaming a flag does not stop its run.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import logging
 import os
 import shutil
 import socket
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Self
 
@@ -312,16 +313,41 @@ def describe_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> li
     return changes
 
 
+# Settings renamed in 0.2.0 (one flag vocabulary, `modeling_mfm.cli.RENAMED_FLAGS`): old name -> (new name, the old
+# value under the new name). Fine-tuning's clip_grad (None = no clipping) is max_grad_norm (0 = no clipping).
+_RENAMED_SETTINGS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "clip_grad": ("max_grad_norm", lambda value: 0.0 if value is None else value),
+}
+# Settings a script records since 0.2.0, with the value its earlier versions used: AdamW's epsilon (fine-tuning,
+# segmentation), betas and gradient clipping (segmentation). The other scripts recorded them already.
+_FIRST_RECORDED_SETTINGS = {"adam_epsilon": 1e-8, "adam_beta1": 0.9, "adam_beta2": 0.999, "max_grad_norm": 0.0}
+
+
+def _upgraded_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's recorded settings under today's names, with the settings it could not record yet, so that a
+    run resumed across an upgrade is compared as it ran."""
+    upgraded = {}
+    for name, value in saved.items():
+        if name in _RENAMED_SETTINGS:
+            name, convert = _RENAMED_SETTINGS[name]
+            value = convert(value)
+        upgraded[name] = value
+    for name, value in _FIRST_RECORDED_SETTINGS.items():
+        if name in current and name not in upgraded:
+            upgraded[name] = value
+    return upgraded
+
+
 def check_settings(
     checkpoint: Path, trainer_state: Mapping[str, Any], settings: Mapping[str, Any], allow_changes: bool
 ) -> list[str]:
-    """The differences between the checkpoint's recorded settings and this run's; raises `RunFolderError` listing
-    them unless ``allow_changes`` (then they are logged and returned)."""
+    """The differences between the checkpoint's recorded settings (read under today's names) and this run's; raises
+    `RunFolderError` listing them unless ``allow_changes`` (then they are logged and returned)."""
     saved = trainer_state.get("settings")
     if saved is None:
         changes = ["the checkpoint records no settings (written by an older version)"]
     else:
-        changes = describe_changes(saved, settings)
+        changes = describe_changes(_upgraded_settings(saved, settings), settings)
     if not changes:
         return []
     if not allow_changes:

@@ -2,7 +2,8 @@
 file that is always written, and one way to record the run's configuration.
 
 The JSON-lines tracker (``<output_dir>/logs/metrics.jsonl``) needs no dependency, survives restarts (append mode),
-and gives scripts and tests the exact logged values (`read_metrics`).
+and gives scripts and tests the exact logged values (`read_metrics`). Every training script names its metrics
+``train/<name>`` and ``eval/<name>``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .disk_faults import write_faults
 
 __all__ = [
     "METRICS_FILE",
+    "RENAMED_METRICS",
     "REPORT_TO",
     "JSONLinesTracker",
     "build_trackers",
@@ -32,6 +34,14 @@ __all__ = [
 METRICS_FILE = "metrics.jsonl"
 REPORT_TO = ("tensorboard", "wandb", "all", "none")
 _AVAILABLE = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+
+# What pre-training logged without a prefix before 0.2.0 -> the name since; a run resumed across the upgrade holds
+# both spellings in its metrics.jsonl (`read_metrics` with ``upgrade=True`` reads them all under the new names).
+RENAMED_METRICS = {
+    **{name: f"train/{name}" for name in ("loss", "lr", "grad_norm", "img_per_s", "peak_memory_mib",
+                                          "skipped_images", "epoch")},
+    **{name: f"eval/{name}" for name in ("knn_top1", "gain_low_pass_db", "gain_high_pass_db")},
+}
 
 
 def _plain(value: Any) -> Any:
@@ -78,17 +88,21 @@ class JSONLinesTracker(GeneralTracker):
             f.write(json.dumps({"step": step, **_plain(values)}) + "\n")
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a `JSONLinesTracker` file, in order (a restarted run appends after the killed one)."""
+def read_metrics(path: str | os.PathLike, upgrade: bool = False) -> list[dict[str, Any]]:
+    """The records of a `JSONLinesTracker` file, in order (a restarted run appends after the killed one); with
+    ``upgrade``, the metrics an older version logged under another name get their current one (`RENAMED_METRICS`)."""
     records = []
     with open(path, encoding="utf-8") as f:
         for line in f:
             line = line.strip()
             if line:
                 try:
-                    records.append(json.loads(line))
+                    record = json.loads(line)
                 except json.JSONDecodeError:  # a line cut short by a killed process
                     continue
+                if upgrade:
+                    record = {RENAMED_METRICS.get(key, key): value for key, value in record.items()}
+                records.append(record)
     return records
 
 

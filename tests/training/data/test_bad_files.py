@@ -156,8 +156,8 @@ def test_linear_probe_leaves_out_unreadable_images(tmp_path):
     assert run_in_process("run_linear_probe.py", [
         "--model_name_or_path", str(tmp_path / "mfm"), "--train_dir", str(folders / "train"),
         "--validation_dir", str(folders / "validation"), "--output_dir", str(tmp_path / "out"),
-        "--dataloader_num_workers", "0", "--per_device_eval_batch_size", "4", "--linear_epochs", "2",
-        "--linear_batch_size", "4", "--knn_k", "3"]) == 0
+        "--dataloader_num_workers", "0", "--per_device_eval_batch_size", "4", "--num_train_epochs", "2",
+        "--per_device_train_batch_size", "4", "--knn_k", "3"]) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert (results["num_train"], results["num_unreadable_train"]) == (9, 1)
     assert (results["num_eval"], results["num_unreadable_eval"]) == (6, 1)

@@ -198,8 +198,8 @@ def test_pretraining_on_the_device_resumes_bit_exactly(tmp_path, reset_accelerat
     files = parquet_file(tmp_path / "train.parquet")
 
     def argv(output):
-        return ["--model", "mfm-vit-tiny", "--image_size", "32", "--mask_radius", "4", "--backbone_overrides", BACKBONE,
-                "--train_file", str(files), "--validation_split_size", "9", "--dataset_on_device",
+        return ["--preset", "mfm-vit-tiny", "--image_size", "32", "--mask_radius", "4", "--backbone_overrides",
+                BACKBONE, "--train_file", str(files), "--validation_split_size", "9", "--dataset_on_device",
                 "--output_dir", str(output), "--per_device_train_batch_size", "8", "--max_train_steps", "6",
                 "--warmup_steps", "1", "--base_learning_rate", "0.05", "--logging_steps", "1", "--report_to", "none",
                 "--checkpointing_steps", "2", "--checkpoints_total_limit", "5", "--visualization_steps", "0",
@@ -208,7 +208,7 @@ def test_pretraining_on_the_device_resumes_bit_exactly(tmp_path, reset_accelerat
     full = pretrain(argv(tmp_path / "full"))
     card = (tmp_path / "full" / "README.md").read_text()
     assert full.steps == 6 and "39 images on the device, 1 unreadable left out" in card
-    losses = [r["loss"] for r in read_metrics(tmp_path / "full" / "logs" / "metrics.jsonl")]
+    losses = [r["train/loss"] for r in read_metrics(tmp_path / "full" / "logs" / "metrics.jsonl")]
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
 
     resumed_dir = tmp_path / "resumed"
@@ -217,7 +217,7 @@ def test_pretraining_on_the_device_resumes_bit_exactly(tmp_path, reset_accelerat
         shutil.rmtree(resumed_dir / "checkpoints" / f"checkpoint-{step}")
     (resumed_dir / "model.safetensors").unlink()
     pretrain(argv(resumed_dir))
-    records = {r["step"]: r["loss"] for r in read_metrics(resumed_dir / "logs" / "metrics.jsonl")}
+    records = {r["step"]: r["train/loss"] for r in read_metrics(resumed_dir / "logs" / "metrics.jsonl")}
     assert [records[step] for step in range(1, 7)] == losses
     expected, actual = load_file(tmp_path / "full" / "model.safetensors"), load_file(resumed_dir / "model.safetensors")
     for name, tensor in expected.items():
@@ -266,7 +266,7 @@ def test_two_processes_on_the_device_equal_one_process_with_accumulation(tmp_pat
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
 
     def run(output, launcher, *extra):
-        argv = ["--model", "mfm-vit-tiny", "--image_size", "32", "--mask_radius", "4", "--backbone_overrides",
+        argv = ["--preset", "mfm-vit-tiny", "--image_size", "32", "--mask_radius", "4", "--backbone_overrides",
                 BACKBONE, "--train_file", str(files), "--dataset_on_device", "--output_dir", str(output),
                 "--per_device_train_batch_size", "4", "--max_train_steps", "3", "--warmup_steps", "1",
                 "--base_learning_rate", "0.05", "--logging_steps", "1", "--report_to", "none", "--visualization_steps",
@@ -275,7 +275,7 @@ def test_two_processes_on_the_device_equal_one_process_with_accumulation(tmp_pat
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path,
                                 check=False)
         assert result.returncode == 0, result.stderr[-3000:]
-        return {r["step"]: r["loss"] for r in read_metrics(output / "logs" / "metrics.jsonl")}
+        return {r["step"]: r["train/loss"] for r in read_metrics(output / "logs" / "metrics.jsonl")}
 
     two = run(tmp_path / "two", launch_cpu(2))
     one = run(tmp_path / "one", [sys.executable], "--gradient_accumulation_steps", "2")

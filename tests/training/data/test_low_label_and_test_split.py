@@ -95,7 +95,7 @@ def test_probes_report_the_test_split(tmp_path, pretrained):
     run_script("run_linear_probe.py", [
         "--model_name_or_path", str(pretrained), "--train_dir", str(folders / "train"), "--validation_dir",
         str(folders / "validation"), "--test_dir", str(folders / "test"), "--output_dir", str(tmp_path / "probe"),
-        "--dataloader_num_workers", "0", "--linear_epochs", "20", "--linear_batch_size", "8",
+        "--dataloader_num_workers", "0", "--num_train_epochs", "20", "--per_device_train_batch_size", "8",
         "--cache_dir", str(tmp_path / "cache")], tmp_path)
     results = json.loads((tmp_path / "probe" / "results.json").read_text())
     assert results["num_eval"] == 9 and results["test"]["num_eval"] == 6

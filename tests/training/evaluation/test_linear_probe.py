@@ -90,8 +90,8 @@ def test_run_linear_probe_end_to_end(tmp_path):
     run_script("run_linear_probe.py", [
         "--model_name_or_path", str(tmp_path / "mfm"), "--train_dir", str(folders / "train"),
         "--validation_dir", str(folders / "validation"), "--output_dir", str(tmp_path / "out"),
-        "--dataloader_num_workers", "0", "--per_device_eval_batch_size", "4", "--linear_epochs", "20",
-        "--linear_batch_size", "8", "--cache_dir", str(tmp_path / "cache")], tmp_path)
+        "--dataloader_num_workers", "0", "--per_device_eval_batch_size", "4", "--num_train_epochs", "20",
+        "--per_device_train_batch_size", "8", "--cache_dir", str(tmp_path / "cache")], tmp_path)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert (results["num_train"], results["num_eval"], results["feature_dim"]) == (24, 15, 32)
     assert results["knn"]["k"] == 20 and results["knn"]["temperature"] == 0.07

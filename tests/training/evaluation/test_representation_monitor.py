@@ -133,21 +133,21 @@ def test_a_measurement_keeps_the_training_mode_and_gives_every_value(backbone):
 
 
 def test_summary_gives_the_first_and_the_last_measurement():
-    records = [{"step": 0, "knn_top1": 20.0, "gain_low_pass_db": -0.5, "gain_high_pass_db": 7.0},
-               {"step": 10, "loss": 0.3},
-               {"step": 20, "knn_top1": 31.5, "gain_low_pass_db": 0.25, "gain_high_pass_db": 9.5}]
+    records = [{"step": 0, "eval/knn_top1": 20.0, "eval/gain_low_pass_db": -0.5, "eval/gain_high_pass_db": 7.0},
+               {"step": 10, "train/loss": 0.3},
+               {"step": 20, "eval/knn_top1": 31.5, "eval/gain_low_pass_db": 0.25, "eval/gain_high_pass_db": 9.5}]
     summary = summarize_measurements(records)
     assert list(summary.values()) == [
         "31.50 % at step 20 (step 0: 20.00 %)",
         "+0.25 / +9.50 dB PSNR over the corrupted input (step 0: -0.50 / +7.00 dB)",
     ]
-    assert summarize_measurements([{"step": 1, "loss": 0.2}]) == {}
+    assert summarize_measurements([{"step": 1, "train/loss": 0.2}]) == {}
 
 
 @pytest.mark.slow
 def test_run_pretrain_monitors_the_held_out_slice_and_writes_the_card(tmp_path):
     folders = make_class_folders(tmp_path / "data", {"train": 10})
-    common = ["--model", "mfm-vit-tiny", "--image_size", "32", "--mask_radius", "4", "--backbone_overrides",
+    common = ["--preset", "mfm-vit-tiny", "--image_size", "32", "--mask_radius", "4", "--backbone_overrides",
               json.dumps({"patch_size": 8, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
                           "intermediate_size": 64}),
               "--train_dir", str(folders / "train"), "--per_device_train_batch_size", "8", "--report_to", "none",
@@ -156,14 +156,15 @@ def test_run_pretrain_monitors_the_held_out_slice_and_writes_the_card(tmp_path):
                                    "--validation_split_size", "6", "--monitor_steps", "2", "--monitor_bank_size",
                                    "12", "--knn_k", "3"], tmp_path)
     records = [json.loads(line) for line in (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()]
-    measured = [r for r in records if "knn_top1" in r]
+    measured = [r for r in records if "eval/knn_top1" in r]
     assert [r["step"] for r in measured] == [0, 2, 4, 5]  # at the start, every 2 steps and at the end
     # 6 held-out images of 3 solid colours: multiples of 100 / 6, and the colours are easy neighbours
-    assert all(round(r["knn_top1"] * 6 / 100, 6).is_integer() for r in measured)
-    assert measured[-1]["knn_top1"] > 50
+    assert all(round(r["eval/knn_top1"] * 6 / 100, 6).is_integer() for r in measured)
+    assert measured[-1]["eval/knn_top1"] > 50
     card = (tmp_path / "run" / "README.md").read_text()
-    assert f"| kNN top-1 on the held-out slice (monitor) | {measured[-1]['knn_top1']:.2f} % at step 5" in card
-    assert f"{measured[-1]['gain_low_pass_db']:+.2f} / {measured[-1]['gain_high_pass_db']:+.2f} dB" in card
+    assert f"| kNN top-1 on the held-out slice (monitor) | {measured[-1]['eval/knn_top1']:.2f} % at step 5" in card
+    last = measured[-1]
+    assert f"{last['eval/gain_low_pass_db']:+.2f} / {last['eval/gain_high_pass_db']:+.2f} dB" in card
 
     import subprocess
     import sys
@@ -182,8 +183,8 @@ def test_run_pretrain_monitors_the_held_out_slice_and_writes_the_card(tmp_path):
 def test_the_gain_script_measures_a_saved_model_on_a_folder(tmp_path):
     from conftest import load_script, noise_jpegs
 
-    from modeling_mfm.training.data.sources import load_image_dataset
     from modeling_mfm.training.data.device_dataset import load_device_images
+    from modeling_mfm.training.data.sources import load_image_dataset
 
     torch.manual_seed(0)
     MFMForPreTraining(tiny_config("beit")).save_pretrained(tmp_path / "model")

@@ -17,6 +17,7 @@ from torchvision.transforms import v2 as T
 from transformers import HfArgumentParser
 
 from modeling_mfm import MFMForImageClassification, MFMForPreTraining
+from modeling_mfm.cli import ScriptArgumentParser
 from modeling_mfm.training.data.classification_data import (
     ClassificationDataset,
     build_eval_transform,
@@ -25,8 +26,9 @@ from modeling_mfm.training.data.classification_data import (
     load_classification_dataset,
     parse_rand_augment,
 )
-from modeling_mfm.training.loops.finetune import RECIPES, FinetuneArguments
+from modeling_mfm.training.loops.finetune import RECIPES, FinetuneArguments, finetune
 from modeling_mfm.training.models.model_loading import load_classifier
+from modeling_mfm.training.optim.optimizer import clip_to_max_grad_norm
 from modeling_mfm.training.run.trackers import read_metrics
 
 LABELS = sorted(CLASS_COLOURS)
@@ -167,6 +169,64 @@ def test_arguments_take_the_recipe_defaults_and_check_values():
                        ({"push_to_hub": True}, "hub_model_id"), ({"report_to": "nope"}, "report_to")]:
         with pytest.raises(ValueError, match=match):
             FinetuneArguments(preset="mfm-vit-tiny", train_dir="x", **bad).resolved()
+
+
+def test_max_grad_norm_argument_zero_means_no_clipping_and_is_the_default():
+    (parsed,) = ScriptArgumentParser(FinetuneArguments).parse_args_into_dataclasses(
+        ["--preset", "mfm-vit-tiny", "--train_dir", "x"])
+    assert parsed.max_grad_norm is None  # the recipe's, which is no clipping in both
+    assert parsed.resolved().max_grad_norm == 0.0 == RECIPES["vit"]["max_grad_norm"] == RECIPES["resnet"][
+        "max_grad_norm"]
+    assert parsed.adam_epsilon == 1e-8  # the value fine-tuning always used
+    (parsed,) = ScriptArgumentParser(FinetuneArguments).parse_args_into_dataclasses(
+        ["--preset", "mfm-vit-tiny", "--train_dir", "x", "--max_grad_norm", "0", "--adam_epsilon", "1e-6"])
+    assert (parsed.resolved().max_grad_norm, parsed.adam_epsilon) == (0.0, 1e-6)
+    with pytest.raises(ValueError, match="max_grad_norm must be >= 0"):
+        FinetuneArguments(preset="mfm-vit-tiny", train_dir="x", max_grad_norm=-1.0).resolved()
+
+    class Recorder:  # Accelerate's clip_grad_norm_, recorded
+        def __init__(self):
+            self.calls = []
+
+        def clip_grad_norm_(self, parameters, max_norm):
+            self.calls.append(max_norm)
+            return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    weight.grad = torch.full((3,), 10.0)
+    accelerator = Recorder()
+    assert clip_to_max_grad_norm(accelerator, [weight], 0.0) is None  # 0: nothing computed, nothing clipped
+    assert accelerator.calls == [] and torch.equal(weight.grad, torch.full((3,), 10.0))
+    clip_to_max_grad_norm(accelerator, [weight], 1.5)
+    assert accelerator.calls == [1.5] and float(weight.grad.norm()) == pytest.approx(1.5, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_fine_tuning_with_max_grad_norm_zero_never_clips(folders, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    calls, real_clip = [], Accelerator.clip_grad_norm_
+
+    def recording_clip(self, parameters, max_norm, norm_type=2):
+        calls.append(max_norm)
+        return real_clip(self, parameters, max_norm, norm_type)
+
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", recording_clip)
+    for max_grad_norm, expected in ((0.0, []), (0.5, [0.5, 0.5])):
+        calls.clear()
+        args = FinetuneArguments(
+            preset="mfm-vit-tiny", config_overrides=TINY_PRESET_OVERRIDES, train_dir=str(folders / "train"),
+            validation_dir=str(folders / "validation"), output_dir=str(tmp_path / f"clip-{max_grad_norm}"),
+            per_device_train_batch_size=4, per_device_eval_batch_size=4, dataloader_num_workers=0,
+            cache_dir=str(tmp_path / "cache"), max_train_steps=2, warmup_epochs=0, max_grad_norm=max_grad_norm,
+        )
+        try:
+            assert finetune(args)["global_step"] == 2
+        finally:
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+        assert calls == expected, max_grad_norm
 
 
 # ---------------------------------------------------------------------------------------------------- scripts

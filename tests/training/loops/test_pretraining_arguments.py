@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import os
 
 import pytest
@@ -17,6 +18,7 @@ from modeling_mfm.training.loops.pretraining_arguments import (
     is_demo_run,
     parse_arguments,
     parse_backbone_overrides,
+    parse_config_overrides,
     resolve_defaults,
 )
 from modeling_mfm.training.models.model_factory import (
@@ -47,16 +49,16 @@ def test_overrides_are_typed_and_only_the_given_ones():
 def test_demo_and_official_defaults():
     demo = resolve_defaults(parse_arguments([])[0])
     assert is_demo_run(demo)
-    assert demo.model == DEMO_DEFAULTS["model"] and demo.max_train_steps == DEMO_DEFAULTS["max_train_steps"]
+    assert demo.preset == DEMO_DEFAULTS["preset"] and demo.max_train_steps == DEMO_DEFAULTS["max_train_steps"]
     official = resolve_defaults(parse_arguments(["--train_dir", "data", "--per_device_train_batch_size", "64"])[0])
     assert not is_demo_run(official)
-    assert official.model == "mfm-vit-base" and official.num_train_epochs == 300 and official.warmup_epochs == 20
+    assert official.preset == "mfm-vit-base" and official.num_train_epochs == 300 and official.warmup_epochs == 20
     assert official.base_learning_rate == OFFICIAL_DEFAULTS["base_learning_rate"] == 3e-4
     assert official.per_device_train_batch_size == 64  # given values win
     assert (official.adam_beta1, official.adam_beta2, official.weight_decay, official.max_grad_norm) == (
         0.9, 0.95, 0.05, 3.0)
     from_file = resolve_defaults(parse_arguments(["--train_dir", "d", "--config_file", "c.json"])[0])
-    assert from_file.model is None
+    assert from_file.preset is None
 
 
 def test_backbone_overrides_json():
@@ -68,8 +70,49 @@ def test_backbone_overrides_json():
         parse_backbone_overrides("{num_hidden_layers: 2}")
 
 
+def test_the_preset_flag_and_its_old_name_model():
+    args, _ = parse_arguments(["--preset", "mfm-vit-small", "--train_dir", "x"])
+    assert resolve_defaults(args).preset == "mfm-vit-small"
+    with pytest.warns(FutureWarning, match="--model is deprecated.*use --preset"):
+        old, _ = parse_arguments(["--model", "mfm-vit-small", "--train_dir", "x"])
+    assert old.preset == "mfm-vit-small"
+    # --model_name_or_path is its own flag, not the old name of --preset
+    continued, _ = parse_arguments(["--model_name_or_path", "some/folder", "--train_dir", "x"])
+    assert continued.model_name_or_path == "some/folder" and resolve_defaults(continued).preset is None
+
+
+def test_config_overrides_argument_means_what_it_means_in_fine_tuning(monkeypatch):
+    """--config_overrides: a JSON object of MFMConfig fields (backbone_overrides among them), as in run_finetune.py;
+    the per-field flags and --backbone_overrides win over it."""
+    from modeling_mfm.training.loops import pretrain
+
+    text = json.dumps({"image_size": 64, "mask_radius": 5.0, "backbone_overrides": {"num_hidden_layers": 2,
+                                                                                    "patch_size": 8}})
+    assert parse_config_overrides(text) == json.loads(text) and parse_config_overrides(None) == {}
+    for bad, match in (("[1]", "JSON object"), ('{"mask_raduis": 3}', "unknown MFMConfig fields"),
+                       ('{"backbone_overrides": 2}', "backbone_overrides must be a JSON object")):
+        with pytest.raises(ValueError, match=match):
+            parse_config_overrides(bad)
+
+    args, flags = parse_arguments(["--preset", "mfm-vit-tiny", "--train_dir", "x", "--config_overrides", text,
+                                   "--mask_radius", "6", "--backbone_overrides", '{"num_hidden_layers": 3}'])
+    seen, real_build_config = {}, pretrain.build_config
+
+    def recording_build_config(*sources):
+        seen["sources"] = sources
+        return real_build_config(*sources)
+
+    monkeypatch.setattr(pretrain, "build_config", recording_build_config)
+    config = pretrain._model_config(args, flags, accelerator=None)
+    assert (config.image_size, config.mask_radius, config.backbone_config.num_hidden_layers) == (64, 6.0, 3)
+    preset, config_file, model_name_or_path, overrides, backbone_overrides = seen["sources"]
+    assert (preset, config_file, model_name_or_path) == ("mfm-vit-tiny", None, None)
+    assert overrides == {"image_size": 64, "mask_radius": 6.0}
+    assert backbone_overrides == {"num_hidden_layers": 3, "patch_size": 8}
+
+
 def test_build_config_sources_and_overrides(tmp_path, tiny_config_factory):
-    config = build_config(model="mfm-vit-tiny", overrides={"image_size": 64, "mask_radius": 5.0},
+    config = build_config(preset="mfm-vit-tiny", overrides={"image_size": 64, "mask_radius": 5.0},
                           backbone_overrides={"num_hidden_layers": 2})
     assert (config.image_size, config.backbone_config.image_size, config.mask_radius) == (64, 64, 5.0)
     assert config.backbone_config.num_hidden_layers == 2
@@ -80,9 +123,9 @@ def test_build_config_sources_and_overrides(tmp_path, tiny_config_factory):
     assert from_file.corruption == "sr" and from_file.backbone_config.image_size == 64
     assert from_file.backbone_config.hidden_size == 32
     with pytest.raises(ValueError, match="exactly one"):
-        build_config(model="mfm-vit-tiny", config_file=str(path))
+        build_config(preset="mfm-vit-tiny", config_file=str(path))
     with pytest.raises(ValueError, match="unknown preset"):
-        build_config(model="mfm-vit-gigantic")
+        build_config(preset="mfm-vit-gigantic")
     with pytest.raises(ValueError, match="divisible by the encoder stride"):
         build_config(config_file=str(path), overrides={"image_size": 30})
     with pytest.raises(ValueError, match="does not exist"):

@@ -34,7 +34,8 @@ pytestmark = pytest.mark.slow
 
 def losses_by_step(output_dir: Path) -> dict[int, float]:
     """The last logged loss of each step (a resumed run re-logs the steps after its checkpoint)."""
-    return {r["step"]: r["loss"] for r in read_metrics(output_dir / "logs" / "metrics.jsonl") if "loss" in r}
+    records = read_metrics(output_dir / "logs" / "metrics.jsonl")
+    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
 
 
 @pytest.fixture(scope="module")
@@ -103,13 +104,14 @@ def test_single_process_run_writes_model_card_pictures_and_pushes(workspace, in_
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_metrics(out / "logs" / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4]
-    assert all(np.isfinite(r["loss"]) and r["img_per_s"] > 0 and r["peak_memory_mib"] > 0 for r in records)
+    assert all(np.isfinite(r["train/loss"]) and r["train/img_per_s"] > 0 and r["train/peak_memory_mib"] > 0
+               and np.isfinite(r["train/grad_norm"]) for r in records)
     # 16 files, 4 steps of 4 = one epoch: the corrupt JPEG was met once, skipped with a warning and counted
-    assert records[-1]["skipped_images"] == 1
+    assert records[-1]["train/skipped_images"] == 1
     assert "skipping unreadable image" in result.stderr and "corrupt.jpg" in result.stderr
     assert "skipped 1 unreadable images" in result.stderr
     # lr = base_lr * total_batch / 512 at the first cosine step
-    assert records[1]["lr"] == pytest.approx(0.05 * 4 / 512 * (1 + np.cos(np.pi * 1 / 4)) / 2 + 2.5e-6 * 4 / 512
+    assert records[1]["train/lr"] == pytest.approx(0.05 * 4 / 512 * (1 + np.cos(np.pi * 1 / 4)) / 2 + 2.5e-6 * 4 / 512
                                              * (1 - (1 + np.cos(np.pi * 1 / 4)) / 2), rel=1e-6)
     # final model = the last checkpoint's weights, loadable with from_pretrained, image processor included
     model = MFMForPreTraining.from_pretrained(out)
@@ -186,7 +188,7 @@ def test_streaming_bf16_bf16_residual_stream_and_gradient_checkpointing(workspac
     ))
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_metrics(out / "logs" / "metrics.jsonl")
-    assert [r["step"] for r in records] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in records)
+    assert [r["step"] for r in records] == [1, 2, 3] and all(np.isfinite(r["train/loss"]) for r in records)
     assert json.loads((out / "logs" / "metrics_config.json").read_text())["mixed_precision"] == "bf16"
     assert (out / "model.safetensors").exists()
 
@@ -221,13 +223,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(workspace, in_
     [
         (["--image_column_name", "photo"], "image_column_name 'photo' is not a column"),
         (["--image_size", "30"], "must be divisible by the encoder stride (8)"),
-        (["--model", "mfm-vit-nope"], "unknown preset 'mfm-vit-nope'"),
+        (["--preset", "mfm-vit-nope"], "unknown preset 'mfm-vit-nope'"),
         (["--bf16_residual_stream"], "--bf16_residual_stream needs --mixed_precision bf16 (this run: no)"),
     ],
 )
 def test_bad_arguments_in_process(workspace, in_process, capsys, extra, message):
     args = common_args(workspace, workspace["root"] / "bad", 1)
-    if extra[0] == "--model":
+    if extra[0] == "--preset":
         args = args[2:]  # a preset instead of the config file
     code = in_process(args + extra)
     err = capsys.readouterr().err
@@ -253,7 +255,7 @@ def test_torch_compile_saves_plain_weight_names(workspace, in_process, capsys):
     assert names and not any("_orig_mod" in name for name in names)
     _, info = MFMForPreTraining.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    assert all(np.isfinite(r["loss"]) for r in read_metrics(out / "logs" / "metrics.jsonl"))
+    assert all(np.isfinite(r["train/loss"]) for r in read_metrics(out / "logs" / "metrics.jsonl"))
 
 
 @pytest.mark.parametrize("pretext", ["sr", "deblur", "denoise"])
@@ -265,7 +267,7 @@ def test_restoration_pretext_from_the_command_line(workspace, in_process, capsys
     config = json.loads((out / "config.json").read_text())
     assert config["corruption"] == pretext and config["loss_on"] == "all"
     records = read_metrics(out / "logs" / "metrics.jsonl")
-    assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss"]) for r in records)
+    assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["train/loss"]) for r in records)
 
 
 def test_decode_on_device_follows_the_pil_paths_trajectory(workspace, in_process, capsys, monkeypatch):
@@ -288,9 +290,9 @@ def test_decode_on_device_follows_the_pil_paths_trajectory(workspace, in_process
         code = in_process(common_args(workspace, out, 4, 4, flag, "--visualization_steps", "2"))
         assert code == 0, capsys.readouterr().err[-3000:]
         records = read_metrics(out / "logs" / "metrics.jsonl")
-        assert records[-1]["skipped_images"] == 1  # the corrupt JPEG, met once in the epoch
+        assert records[-1]["train/skipped_images"] == 1  # the corrupt JPEG, met once in the epoch
         assert (out / "reconstruction.png").exists()
-        losses[name] = [r["loss"] for r in records]
+        losses[name] = [r["train/loss"] for r in records]
     assert losses["device"] == pytest.approx(losses["pil"], rel=5e-3)  # other crops: 0.48 vs 0.80
     # only the device run went through decode_batch: its 4 steps and the pictures' batch, with JPEGs still encoded
     assert len(decoded_batches) == 5 and sum(decoded_batches) >= 8

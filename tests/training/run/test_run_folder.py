@@ -27,7 +27,13 @@ from reliability_fixtures import (
 )
 
 from modeling_mfm.training.run.checkpointing import read_trainer_state
-from modeling_mfm.training.run.run_folder import OutputFolderLock, RunFolderError, describe_changes, trajectory_settings
+from modeling_mfm.training.run.run_folder import (
+    OutputFolderLock,
+    RunFolderError,
+    check_settings,
+    describe_changes,
+    trajectory_settings,
+)
 from modeling_mfm.training.run.trackers import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -199,3 +205,20 @@ def test_trajectory_settings_keep_no_token_and_compare_local_paths_absolutely(tm
 def test_describe_changes():
     assert describe_changes({"a": 1, "b": [1, 2], "c": "x"}, {"a": 1, "b": [1, 3], "d": None}) == [
         "b [1, 2] -> [1, 3]", "c 'x' -> '(absent)'", "d '(absent)' -> None"]
+
+
+def test_the_settings_of_an_older_version_are_read_under_the_renamed_flags(tmp_path):
+    """0.2.0 renamed fine-tuning's clip_grad (None = no clipping) to max_grad_norm (0 = no clipping) and records
+    settings older runs did not (AdamW's epsilon, segmentation's betas and clipping): such a run resumes unchanged."""
+    now = {"seed": 0, "max_grad_norm": 0.0, "adam_epsilon": 1e-8, "adam_beta1": 0.9, "adam_beta2": 0.999}
+    fine_tuning = {"settings": {"seed": 0, "clip_grad": None, "adam_beta1": 0.9, "adam_beta2": 0.999}}
+    assert check_settings(tmp_path, fine_tuning, now, allow_changes=False) == []
+    segmentation = {"settings": {"seed": 0}}
+    assert check_settings(tmp_path, segmentation, now, allow_changes=False) == []
+    # a real change is still one: an old run that clipped at 1.0, resumed without clipping
+    clipped = {"settings": {**fine_tuning["settings"], "clip_grad": 1.0}}
+    with pytest.raises(RunFolderError, match=r"max_grad_norm 1\.0 -> 0\.0"):
+        check_settings(tmp_path, clipped, now, allow_changes=False)
+    assert check_settings(tmp_path, clipped, {**now, "max_grad_norm": 1.0}, allow_changes=False) == []
+    # a setting the current run does not record is not made up for the old one
+    assert check_settings(tmp_path, {"settings": {"seed": 0}}, {"seed": 0}, allow_changes=False) == []

@@ -28,6 +28,19 @@ def test_jsonl_tracker_through_accelerate(tmp_path):
     assert len(read_metrics(path)) == 2
 
 
+def test_read_metrics_upgrades_the_names_older_pre_training_runs_logged(tmp_path):
+    """A pre-training run resumed across 0.2.0 logged ``loss``... before and ``train/loss``... after."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 0.5, "lr": 0.1, "img_per_s": 9.0}\n{"step": 2, "knn_top1": 40.0}\n'
+                    '{"step": 3, "train/loss": 0.4, "eval/top1": 50.0}\n')
+    assert read_metrics(path)[0] == {"step": 1, "loss": 0.5, "lr": 0.1, "img_per_s": 9.0}  # as written
+    assert read_metrics(path, upgrade=True) == [
+        {"step": 1, "train/loss": 0.5, "train/lr": 0.1, "train/img_per_s": 9.0},
+        {"step": 2, "eval/knn_top1": 40.0},
+        {"step": 3, "train/loss": 0.4, "eval/top1": 50.0},
+    ]
+
+
 def test_one_trackers_helper_and_one_recorded_config(tmp_path):
     """`--report_to` in every loop: the JSON-lines file always, TensorBoard / W&B on request; the run's config is the
     arguments without credentials, plus derived values, as scalars and strings."""
