@@ -73,7 +73,7 @@ def build_mfm_config(
             raise ValueError(f"unknown preset {preset!r}; available: {', '.join(sorted(PRESETS))}")
         overrides = dict(config_overrides or {})
         backbone_overrides = overrides.pop("backbone_overrides", None)
-        return build_config(model=preset, overrides=overrides, backbone_overrides=backbone_overrides), "preset"
+        return build_config(preset=preset, overrides=overrides, backbone_overrides=backbone_overrides), "preset"
     if config_overrides:
         raise ValueError("config_overrides apply to presets only; a checkpoint keeps its architecture")
     hub = _hub_kwargs(cache_dir, revision, token)
